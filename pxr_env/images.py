@@ -71,5 +71,7 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, contex
             return to_rgb_uint8(np.asarray(im.convert("RGB")))
     except MediaError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL refuses the very largest at open
+        raise MediaError(f"image {str(p)!r} is far above the pixel limit of {max_pixels}{where}: {exc}") from exc
     except Exception as exc:  # PIL raises many types for corrupt files
         raise MediaError(f"image {str(p)!r} cannot be decoded{where}: {exc}") from exc

@@ -42,7 +42,8 @@ DATASET_LOADERS = ("vstar", "tallyqa", "infovqa", "mvbench", "pixel-reasoner-par
 
 
 class MixtureSource:
-    """Draws from several sources with fixed weights; sample ids are ``"<source>:<id>"``."""
+    """Draws from several sources with fixed weights; `get` asks each source in turn
+    (every source prefixes its sample ids with its own name, so ids do not collide)."""
 
     def __init__(self, sources: Sequence[TaskSource], weights: Sequence[float] | None = None) -> None:
         if not sources:
