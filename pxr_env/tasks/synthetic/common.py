@@ -9,15 +9,16 @@ benchmarks and tests use it to measure what a view makes legible.
 
 from __future__ import annotations
 
+import abc
+import math
 import re
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pxr_env.ops import crop_image, smart_resize, smart_resize_shape
+from pxr_env.ops import PixelBounds, crop_image, smart_resize, smart_resize_shape
 from pxr_env.tasks.base import Sample
 
 Box = tuple[float, float, float, float]
@@ -75,13 +76,11 @@ DIGITS: tuple[str, ...] = tuple("0123456789")
 LETTERS: tuple[str, ...] = tuple(c for c in _FONT if c.isalpha())
 GLYPH_ASPECT = 5 / 7  # width / height of a glyph cell
 
-# The initial view and crop bounds of the "tiny" pixel preset (64*28^2 pixels, about 224x224):
-# the views the families are designed against (see docs/tasks.md).
-TINY_IMAGE_BOUNDS = (4 * 28 * 28, 64 * 28 * 28)
-TINY_CROP_BOUNDS = (4 * 28 * 28, 64 * 28 * 28)
-TINY_VIDEO_BOUNDS = (4 * 28 * 28, 16 * 28 * 28)
-TINY_FRAME_BOUNDS = (4 * 28 * 28, 64 * 28 * 28)
-TINY_VIEW_SIDE = 224.0  # sqrt(64) * 28
+# The "tiny" pixel preset the families are designed against (see docs/tasks.md): the
+# image shown within 64*28^2 pixels (about 224x224), crops magnified to about 224x224,
+# video frames within 16*28^2 (about 112x112) until selected.
+TINY = PixelBounds.preset("tiny")
+TINY_VIEW_SIDE = 224.0  # sqrt(64) * 28: a fraction f of sqrt(width * height) is f * 224 px in view
 
 # Photographs bundled with scikit-image (no download needed); grayscale ones are made RGB.
 PHOTO_NAMES: tuple[str, ...] = (
@@ -137,6 +136,31 @@ def draw_glyph(canvas: np.ndarray, char: str, centre: tuple[float, float], heigh
     return (float(left), float(top), float(left + w), float(top + h))
 
 
+def text_width(text: str, height: float, spacing: float = 0.35) -> float:
+    """Width in pixels of `text` in the glyph font, `height` px tall (see `draw_text`)."""
+    w, _ = glyph_size(height)
+    return len(text) * w + (len(text) - 1) * spacing * w
+
+
+def draw_text(canvas: np.ndarray, text: str, left: float, top: float, height: float, colour: RGB,
+              spacing: float = 0.35) -> list[Box]:
+    """Draw `text` in the glyph font from (left, top); returns each glyph's box."""
+    w, h = glyph_size(height)
+    boxes = []
+    for i, char in enumerate(text):
+        x = left + i * w * (1 + spacing)
+        boxes.append(draw_glyph(canvas, char, (x + w / 2, top + h / 2), h, colour))
+    return boxes
+
+
+@lru_cache(maxsize=64)
+def label_font(size: int) -> "ImageFont.FreeTypeFont | ImageFont.ImageFont":
+    """PIL's default font at `size` px (scalable when PIL has FreeType), for labels and titles."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=max(1, int(size)))
+
+
 def ink_for(colour: RGB) -> RGB:
     """Black or white, whichever contrasts more with `colour` (for glyphs on a tag)."""
     luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
@@ -152,19 +176,35 @@ def _templates(alphabet: tuple[str, ...]) -> np.ndarray:
     return stack
 
 
+def resample(view: np.ndarray, box: Box, size: tuple[int, int], gray: bool = False) -> np.ndarray:
+    """The region `box` (x1, y1, x2, y2, fractional, may leave the view) of `view`, resampled
+    bilinearly to `size` = (width, height); the view's edges extend outwards."""
+    x1, y1, x2, y2 = box
+    left, top = int(math.floor(min(x1, 0.0))), int(math.floor(min(y1, 0.0)))
+    right = int(math.ceil(max(x2 - view.shape[1], 0.0)))
+    bottom = int(math.ceil(max(y2 - view.shape[0], 0.0)))
+    array = np.asarray(view, dtype=np.uint8)
+    if left or top or right or bottom:
+        array = np.pad(array, ((-top, bottom), (-left, right), (0, 0)), mode="edge")
+    image = Image.fromarray(array)
+    if gray:
+        image = image.convert("L")
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR,
+                                   box=(x1 - left, y1 - top, x2 - left, y2 - top)), dtype=np.float64)
+
+
 def glyph_scores(view: np.ndarray, box: Box, alphabet: Sequence[str]) -> np.ndarray:
     """Template-match scores (|normalized correlation|) of the glyph at `box` of `view`.
 
-    `box` is (x1, y1, x2, y2) in the view's pixels (fractional allowed: the patch is
-    resampled with sub-pixel accuracy). Ink polarity does not matter. A patch of almost
-    uniform colour scores 0 for every glyph.
+    `box` is (x1, y1, x2, y2) in the view's pixels. The reader localises only to whole
+    pixels of the view it sees (the box is rounded to the pixel grid, as any observer of
+    that view would), then resamples the patch. Ink polarity does not matter. A patch of
+    almost uniform colour scores 0 for every glyph.
     """
-    x1, y1, x2, y2 = box
+    x1, y1, x2, y2 = (float(round(v)) for v in box)
     pad_x, pad_y = (x2 - x1) / 15, (y2 - y1) / 21
-    gray = Image.fromarray(np.asarray(view, dtype=np.uint8)).convert("L")
     # Resample a slightly larger window, then try shifts of up to one template pixel.
-    patch = np.asarray(gray.resize((17, 23), Image.Resampling.BILINEAR,
-                                   box=(x1 - pad_x, y1 - pad_y, x2 + pad_x, y2 + pad_y)), dtype=np.float64)
+    patch = resample(view, (x1 - pad_x, y1 - pad_y, x2 + pad_x, y2 + pad_y), (17, 23), gray=True)
     templates = _templates(tuple(alphabet))
     best = np.zeros(len(alphabet))
     for dy in range(3):
@@ -183,16 +223,52 @@ def read_glyph(view: np.ndarray, box: Box, alphabet: Sequence[str]) -> str:
     return alphabet[int(np.argmax(glyph_scores(view, box, alphabet)))]
 
 
+@lru_cache(maxsize=8)
+def _shape_templates(shapes: tuple[str, ...]) -> np.ndarray:
+    """Zero-mean, unit-norm coverage templates (N, 21, 21) of `shapes` for `read_shape`."""
+    stack = []
+    for shape in shapes:
+        image = Image.new("L", (84, 84), 0)
+        draw_shape(ImageDraw.Draw(image), shape, (8, 8, 76, 76), 255)
+        stack.append(np.asarray(image.resize((21, 21), Image.Resampling.BOX), dtype=np.float64))
+    a = np.stack(stack)
+    a -= a.mean(axis=(1, 2), keepdims=True)
+    a /= np.linalg.norm(a, axis=(1, 2), keepdims=True)
+    return a
+
+
+def read_shape(view: np.ndarray, box: Box, shapes: Sequence[str] = SHAPES) -> tuple[str, str]:
+    """(colour name, shape) of the object filling `box` of `view`, by template matching.
+
+    Like `read_glyph`, the reader localises to whole pixels of the view. The colour is the
+    palette colour nearest the patch centre; the shape is the template that best matches
+    the patch's similarity to that colour.
+    """
+    x1, y1, x2, y2 = (float(round(v)) for v in box)
+    x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
+    mx, my = (x2 - x1) * 8 / 68, (y2 - y1) * 8 / 68  # the templates' margin around the shape
+    patch = resample(view, (x1 - mx, y1 - my, x2 + mx, y2 + my), (21, 21))
+    centre = patch[8:13, 8:13].reshape(-1, 3).mean(axis=0)
+    colour = nearest_colour(centre)
+    similarity = -np.sqrt(((patch - np.asarray(PALETTE[colour], dtype=np.float64)) ** 2).sum(axis=2))
+    similarity -= similarity.mean()
+    norm = np.linalg.norm(similarity)
+    if norm < 1e-6:
+        return colour, shapes[0]
+    scores = np.tensordot(_shape_templates(tuple(shapes)), similarity / norm, axes=([1, 2], [0, 1]))
+    return colour, shapes[int(np.argmax(scores))]
+
+
 # --------------------------------------------------------------------------- views
 
-def initial_view(image: np.ndarray, bounds: tuple[int, int] = TINY_IMAGE_BOUNDS) -> tuple[np.ndarray, float, float]:
+def initial_view(image: np.ndarray, bounds: tuple[int, int] = TINY.image) -> tuple[np.ndarray, float, float]:
     """The image as first shown (smart-resized to `bounds`) and its x and y scale factors."""
     view = smart_resize(image, bounds)
     return view, view.shape[1] / image.shape[1], view.shape[0] / image.shape[0]
 
 
-def crop_view(image: np.ndarray, box: Box, image_bounds: tuple[int, int] = TINY_IMAGE_BOUNDS,
-              crop_bounds: tuple[int, int] = TINY_CROP_BOUNDS) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def crop_view(image: np.ndarray, box: Box, image_bounds: tuple[int, int] = TINY.image,
+              crop_bounds: tuple[int, int] = TINY.crop) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """What `crop_image` shows for a crop of `box` (pixels of `image`) asked on the initial view.
 
     Returns the shown crop and its pixel box (left, top, right, bottom) in `image`.
@@ -291,18 +367,21 @@ def photo(name: str) -> np.ndarray:
     return image
 
 
-def background(kind: str, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A (height, width, 3) uint8 background: ``plain``, ``noise`` or ``photo``."""
+def background(kind: str, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A `width` x `height` RGB background: ``plain``, ``noise`` or ``photo``.
+
+    Drawn at half or quarter resolution and upscaled, which keeps a 2000 px canvas to a few
+    milliseconds; the texture is coarser than the glyphs that matter, so nothing is lost.
+    """
     if kind == "plain":
-        colour = rng.integers(0, 256, size=3)
-        return np.broadcast_to(colour.astype(np.uint8), (height, width, 3)).copy()
+        return Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 256, size=3)))
     if kind == "noise":
+        qw, qh = max(2, width // 4), max(2, height // 4)
         coarse = rng.integers(0, 256, size=(max(2, height // 64), max(2, width // 64), 3), dtype=np.uint8)
-        fine = rng.integers(-40, 41, size=(max(2, height // 8), max(2, width // 8), 1), dtype=np.int16)
-        base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-        grain = np.asarray(Image.fromarray((fine[:, :, 0] + 128).astype(np.uint8)).resize(
-            (width, height), Image.Resampling.NEAREST), dtype=np.int16)[:, :, None] - 128
-        return np.clip(base + grain, 0, 255).astype(np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((qw, qh), Image.Resampling.BICUBIC), dtype=np.int16)
+        grain = rng.integers(-40, 41, size=(qh, qw, 1), dtype=np.int16)
+        quarter = Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
+        return quarter.resize((width, height), Image.Resampling.NEAREST)
     if kind == "photo":
         source = photo(PHOTO_NAMES[int(rng.integers(len(PHOTO_NAMES)))])
         sh, sw = source.shape[:2]
@@ -310,7 +389,8 @@ def background(kind: str, rng: np.random.Generator, width: int, height: int) -> 
         ch, cw = int(sh * rng.uniform(0.6, 1.0)), int(sw * rng.uniform(0.6, 1.0))
         top, left = int(rng.integers(0, sh - ch + 1)), int(rng.integers(0, sw - cw + 1))
         window = Image.fromarray(np.ascontiguousarray(source[top:top + ch, left:left + cw]))
-        return np.asarray(window.resize((width, height), Image.Resampling.BILINEAR)).copy()
+        half = window.resize((max(1, width // 2), max(1, height // 2)), Image.Resampling.BILINEAR)
+        return half.resize((width, height), Image.Resampling.NEAREST)
     raise ValueError(f"unknown background {kind!r}; choose from {BACKGROUNDS}")
 
 
@@ -394,15 +474,14 @@ def check_choice(name: str, values: Sequence[str], allowed: Sequence[str]) -> tu
 _ID = re.compile(r"^(?P<family>[a-z-]+)/(?P<seed>\d+)$")
 
 
-@dataclass
-class SyntheticSource:
+class SyntheticSource(abc.ABC):
     """Base of the synthetic families: ids are ``"<family>/<seed>"``, samples regenerate from the seed."""
 
-    name = "synthetic"
+    name: ClassVar[str]
 
+    @abc.abstractmethod
     def generate(self, seed: int) -> Sample:
         """The sample of `seed` under this source's configuration."""
-        raise NotImplementedError
 
     def sample(self, rng: np.random.Generator) -> Sample:
         """Draw a seed from `rng` and generate its sample."""
