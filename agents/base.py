@@ -2,8 +2,9 @@
 
 Any object with ``act(observations, contexts) -> actions`` fits (a plain function too, via
 `as_policy`); ``reset(context)`` is called at the start of each episode when present.
-Text-mode policies return strings (model turns); structured-mode policies return the
-env's numeric action vectors.
+Text-mode policies return strings (model turns) or `Generation` records (a model turn with
+the token ids and log-probs behind it, which `agents.rollout` assembles into training
+sequences); structured-mode policies return the env's numeric action vectors.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class EpisodeContext:
     reset_info: dict[str, Any]
     history: list[Any] = field(default_factory=list)
     step_infos: list[dict[str, Any]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+    """Scratch space the policy keeps for this episode (a VLM keeps its conversation and token ids here)."""
 
     @property
     def sample_id(self) -> str:
@@ -33,6 +36,33 @@ class EpisodeContext:
     def turn(self) -> int:
         """How many actions the policy has taken in this episode."""
         return len(self.history) // 2
+
+
+@dataclass
+class Generation:
+    """One model turn with the tokens behind it, as a language-model policy returns it.
+
+    `text` is the turn the environment reads. `prompt_ids` are the tokens appended to the
+    model's context before this turn (the whole first prompt at turn 0, then the end of the
+    previous turn and the new observation) and `token_ids` the tokens the model generated,
+    with `logprobs` their log-probabilities under the sampling policy (one per generated
+    token). Concatenating ``prompt_ids + token_ids`` over the turns of an episode gives the
+    exact token sequence the policy was conditioned on, with no re-tokenization.
+    """
+
+    text: str
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.logprobs and len(self.logprobs) != len(self.token_ids):
+            raise ValueError(f"got {len(self.logprobs)} log-probs for {len(self.token_ids)} generated tokens")
+
+
+def action_of(output: Any) -> Any:
+    """The environment action in a policy output: the text of a `Generation`, else the output itself."""
+    return output.text if isinstance(output, Generation) else output
 
 
 @runtime_checkable

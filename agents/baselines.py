@@ -27,10 +27,14 @@ class RandomPolicy:
     """
 
     def __init__(self, seed: int = 0, action_space: Any = None) -> None:
-        self.rng = np.random.default_rng(seed)
         self.action_space = action_space
-        if action_space is not None:
-            action_space.seed(seed)
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        """Restart the random streams from `seed` (`agents.rollout.collect` calls it for reproducible runs)."""
+        self.rng = np.random.default_rng(seed)
+        if self.action_space is not None:
+            self.action_space.seed(seed)
 
     def act(self, observations: Sequence[Any], contexts: Sequence[EpisodeContext]) -> list[Any]:
         if self.action_space is not None:
