@@ -1,0 +1,88 @@
+"""Configuration of the tiny from-scratch VLM (`model_type` ``"pxr_tiny_vlm"``)."""
+
+from __future__ import annotations
+
+from dataclasses import field
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from agents.vlm.tiny.boxes import DEFAULT_BOX_SIZES, DEFAULT_GRID
+
+
+@strict
+class TinyVLMConfig(PreTrainedConfig):
+    r"""The tiny VLM: a conv stem and a small bidirectional encoder per image,
+    a causal decoder over text and image tokens, a tied LM head, and a pointer head that
+    gives the logits of the box tokens (see `agents.vlm.tiny.boxes`).
+
+    The defaults are the embedded default policy (about 5.8 M parameters with the
+    shipped tokenizer); `build_tiny_model` fills the token ids from the tokenizer.
+
+    Args:
+        vocab_size: all tokens, box tokens included (they are the last ones).
+        hidden_size: width of the encoder, the decoder and the image tokens.
+        intermediate_size: width of the SwiGLU MLPs.
+        num_hidden_layers: decoder layers.
+        num_attention_heads: heads in every attention layer (head size = hidden_size / heads).
+        vision_num_layers: bidirectional encoder layers run on each image's tokens.
+        patch_size: pixels per image token side (a multiple of 8: the stem halves it three times).
+        stem_channels: channels of the stem's first conv (then x2, x4).
+        pointer_grid: cells per side of the box vocabulary's grid.
+        box_sizes: box sides (fractions of the image side) of the box vocabulary.
+        pointer_dim: size of the pointer head's query and key vectors.
+        box_token_start_id: id of the first box token; ``vocab_size - box_token_start_id``
+            must be ``pointer_grid**2 * len(box_sizes)``.
+        image_token_id: id of ``<|image_pad|>``, replaced by image-token embeddings.
+        rope_base: base of the rotary position frequencies of the decoder.
+        rms_norm_eps: epsilon of the RMS norms.
+        initializer_range: standard deviation of the normal initialisation.
+        max_position_embeddings: longest sequence the model is meant for.
+        tie_word_embeddings: share the input embeddings with the LM head.
+        use_cache: return a KV cache by default.
+    """
+
+    model_type = "pxr_tiny_vlm"
+
+    vocab_size: int = 2614
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    vision_num_layers: int = 2
+    patch_size: int = 16
+    stem_channels: int = 32
+    pointer_grid: int = DEFAULT_GRID
+    box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
+    pointer_dim: int = 64
+    box_token_start_id: int | None = None
+    image_token_id: int | None = None
+    rope_base: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @property
+    def num_boxes(self) -> int:
+        """Number of box tokens (cells x sizes)."""
+        return self.pointer_grid * self.pointer_grid * len(self.box_sizes)
+
+    def validate_architecture(self) -> None:
+        """Check the shapes fit together (run by ``@strict`` on construction)."""
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must split into {self.num_attention_heads} heads of even size"
+            )
+        if self.patch_size % 8:
+            raise ValueError(f"patch_size must be a multiple of 8 (the stem halves it three times), got {self.patch_size}")
+        if self.box_token_start_id is not None and self.vocab_size - self.box_token_start_id != self.num_boxes:
+            raise ValueError(
+                f"the box tokens must be the last {self.num_boxes} ids ({self.pointer_grid}^2 cells x "
+                f"{len(self.box_sizes)} sizes): vocab_size {self.vocab_size} - box_token_start_id "
+                f"{self.box_token_start_id} = {self.vocab_size - self.box_token_start_id}"
+            )

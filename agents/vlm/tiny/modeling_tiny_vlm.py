@@ -1,0 +1,458 @@
+"""The tiny from-scratch VLM: image tokens + causal decoder + a pointer head for crop boxes.
+
+Input layout is Qwen2-VL's: the processor expands each ``<|image_pad|>`` into one token
+per image patch, ``pixel_values`` holds every image's patches flattened in order
+(``(total_patches, 3 * patch * patch)``) and ``image_grid_thw`` each image's
+``(1, grid_h, grid_w)``.
+
+- **Vision.** The patches of each image are put back together and go through a conv
+  stem (three stride-2 3x3 convs, then a patch-sized stride conv: one token per patch);
+  fixed 2D sin/cos positions are added (rotary positions alone carry no absolute
+  location, and pointing needs it); a few bidirectional layers mix the tokens of each
+  image. The results replace the ``<|image_pad|>`` embeddings.
+- **Decoder.** Pre-norm causal transformer (RMSNorm, rotary positions, SwiGLU), KV cache
+  through `transformers.DynamicCache`, LM head tied to the embeddings.
+- **Pointer head.** The logits of the box tokens (the last ids of the vocabulary, see
+  `agents.vlm.tiny.boxes`) are not rows of the LM head: for box (cell, size) the logit
+  is ``q(h) . k(s_cell) / sqrt(d) + size_logit(h)[size] + size_bias[size]``, where ``h`` is
+  the decoder state and ``s_cell`` the decoder's final state of the image token under the
+  cell's centre, in the first image of the sequence (image 1: the tiny model crops only
+  the original image). The location is copied from the image tokens, not memorised. The
+  box logits join the ordinary logits in one softmax, so a box token's log-prob is read
+  like any other token's. Rows without an image give the box tokens no mass.
+
+The keys of image 1 are computed where its tokens are in the input and returned as
+``pointer_keys`` / ``pointer_valid``; `generate` carries them to the decoding steps. A
+forward whose input does not hold image 1 (a continuation on a cache) must be given them.
+Beam search is not supported (the carried keys are not reordered).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput, can_return_tuple
+
+from agents.vlm.tiny.configuration_tiny_vlm import TinyVLMConfig
+
+
+@dataclass
+class TinyVLMCausalLMOutputWithPast(ModelOutput):
+    """Logits over the whole vocabulary (box tokens included), the cache and image 1's pointer keys.
+
+    `pointer_keys` is ``(batch, pointer_grid**2, pointer_dim)``; `pointer_valid` is
+    ``(batch,)``, False for rows that have no image.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Cache | None = None
+    pointer_keys: torch.Tensor | None = None
+    pointer_valid: torch.Tensor | None = None
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int, ref_grid: int, device: torch.device) -> torch.Tensor:
+    """Fixed 2D sin/cos positions ``(grid_h * grid_w, dim)`` of cell centres.
+
+    Positions are measured in cells of a `ref_grid` x `ref_grid` partition, so images of
+    any grid size get the same code at the same place of the image.
+    """
+    quarter = dim // 4
+    omega = 1.0 / (100.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    ys = (torch.arange(grid_h, device=device, dtype=torch.float32) + 0.5) * (ref_grid / grid_h)
+    xs = (torch.arange(grid_w, device=device, dtype=torch.float32) + 0.5) * (ref_grid / grid_w)
+    y = (ys[:, None] * omega)[:, None, :].expand(grid_h, grid_w, quarter)
+    x = (xs[:, None] * omega)[None, :, :].expand(grid_h, grid_w, quarter)
+    emb = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=-1).reshape(grid_h * grid_w, 4 * quarter)
+    return F.pad(emb, (0, dim - 4 * quarter))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class TinyVLMRMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned gain."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class TinyVLMAttention(nn.Module):
+    """Multi-head attention (SDPA); rotary positions and a KV cache when given."""
+
+    def __init__(self, config: TinyVLMConfig, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: Cache | None = None) -> torch.Tensor:
+        batch, length, width = x.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        if rotary is not None:
+            cos, sin = rotary
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class TinyVLMMLP(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TinyVLMLayer(nn.Module):
+    """Pre-norm transformer layer, used by both the image encoder and the decoder."""
+
+    def __init__(self, config: TinyVLMConfig, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.input_layernorm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = TinyVLMAttention(config, layer_idx)
+        self.post_attention_layernorm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = TinyVLMMLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: Cache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), mask, rotary, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TinyVLMVisionEncoder(nn.Module):
+    """Patches -> image tokens: conv stem over each whole image, 2D sin/cos positions, bidirectional layers.
+
+    The patches are put back together into images first, so the stem sees across patch
+    borders (a 6-px object often straddles two or four patches). Its output is
+    RMS-normalised before the fixed positions are added, so that content and position
+    start at the same scale.
+    """
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__()
+        c = config.stem_channels
+        self.patch_size = config.patch_size
+        self.ref_grid = config.pointer_grid
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, c, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(4 * c, config.hidden_size, config.patch_size // 8, stride=config.patch_size // 8),
+        )
+        self.patch_norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(TinyVLMLayer(config) for _ in range(config.vision_num_layers))
+        self.norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """``(total_patches, 3 * p * p)`` patches -> ``(total_patches, hidden)`` image tokens, in order."""
+        p = self.patch_size
+        grids = [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
+        counts = [t * h * w for t, h, w in grids]
+        if sum(counts) != pixel_values.shape[0]:
+            raise ValueError(f"image_grid_thw describes {sum(counts)} patches but pixel_values has {pixel_values.shape[0]}")
+        pieces = list(pixel_values.split(counts))
+        by_grid: dict[tuple[int, int, int], list[int]] = {}
+        for i, grid in enumerate(grids):
+            by_grid.setdefault(grid, []).append(i)
+        for (t, h, w), indices in by_grid.items():
+            n = len(indices) * t
+            images = torch.stack([pieces[i] for i in indices]).view(n, h, w, 3, p, p)
+            images = images.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, h * p, w * p)
+            tokens = self.patch_norm(self.stem(images).flatten(2).transpose(1, 2))
+            tokens = tokens + sincos_2d(h, w, tokens.shape[-1], self.ref_grid, tokens.device).to(tokens.dtype)
+            for layer in self.layers:
+                tokens = layer(tokens, mask=None)
+            tokens = self.norm(tokens).reshape(len(indices), t * h * w, -1)
+            for j, i in enumerate(indices):
+                pieces[i] = tokens[j]
+        return torch.cat(pieces)
+
+
+class TinyVLMPointerHead(nn.Module):
+    """Box-token logits: pointer (query . key over image 1's cells) plus a size logit."""
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__()
+        self.grid = config.pointer_grid
+        self.num_sizes = len(config.box_sizes)
+        self.query = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.key = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.size = nn.Linear(config.hidden_size, self.num_sizes, bias=False)
+        self.size_bias = nn.Parameter(torch.zeros(self.num_sizes))
+
+    def cell_index(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+        """For each pointer cell (row-major), the index of the image token under its centre."""
+        centres = (torch.arange(self.grid, device=device, dtype=torch.float32) + 0.5) / self.grid
+        rows = (centres * grid_h).long().clamp(max=grid_h - 1)
+        cols = (centres * grid_w).long().clamp(max=grid_w - 1)
+        return (rows[:, None] * grid_w + cols[None, :]).reshape(-1)
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``(B, L, hidden)`` states and ``(B, cells, dim)`` keys -> ``(B, L, cells * sizes)`` logits."""
+        q = self.query(hidden)
+        cells = torch.einsum("bld,bcd->blc", q, keys) / math.sqrt(q.shape[-1])
+        sizes = self.size(hidden) + self.size_bias
+        logits = (cells[..., :, None] + sizes[..., None, :]).flatten(-2)
+        return logits.masked_fill(~valid[:, None, None], torch.finfo(logits.dtype).min)
+
+
+class TinyVLMPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the transformers plumbing shared by the tiny VLM classes."""
+
+    config: TinyVLMConfig
+    config_class = TinyVLMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["TinyVLMLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif isinstance(module, TinyVLMPointerHead):
+            # Start with as much mass on all box tokens together as on one ordinary token.
+            init.constant_(module.size_bias, -math.log(self.config.num_boxes))
+
+
+class TinyVLMModel(TinyVLMPreTrainedModel):
+    """Embeddings, image encoder and decoder; returns the final (normed) hidden states."""
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.vision = TinyVLMVisionEncoder(config)
+        self.layers = nn.ModuleList(TinyVLMLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image tokens put in place of ``<|image_pad|>``."""
+        embeds = self.embed_tokens(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        n_slots = int(image_mask.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
+            return embeds
+        if image_grid_thw is None:
+            raise ValueError("pixel_values need image_grid_thw (the processor returns both)")
+        features = self.vision(pixel_values.to(embeds.dtype), image_grid_thw)
+        if features.shape[0] != n_slots:
+            raise ValueError(f"input_ids hold {n_slots} image tokens but the images give {features.shape[0]}")
+        return embeds.masked_scatter(image_mask[..., None], features)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos/sin ``(B, 1, L, head_dim)`` for the positions (computed, not stored as buffers)."""
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        inv_freq = 1.0 / (self.config.rope_base ** (
+            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, use_cache: bool | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        batch, length = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (batch, past + length):
+            raise ValueError(f"attention_mask must be (batch, cached + new) = {(batch, past + length)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None].expand(batch, -1)
+        mask = _decoder_mask(attention_mask, length, past, inputs_embeds.device)
+        rotary = self.rotary(position_ids, inputs_embeds.dtype)
+        hidden = inputs_embeds
+        for layer in self.layers:
+            hidden = layer(hidden, mask, rotary, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache if use_cache else None)
+
+
+def _decoder_mask(attention_mask: torch.Tensor | None, length: int, past: int,
+                  device: torch.device) -> torch.Tensor | None:
+    """Boolean ``(B, 1, length, past + length)`` mask: causal, padding masked, each token sees itself."""
+    q_pos = torch.arange(past, past + length, device=device)
+    k_pos = torch.arange(past + length, device=device)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    if attention_mask is None:
+        return causal[None, None] if length > 1 else None
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    # A padding query would otherwise see nothing (NaN in SDPA); its output is unused.
+    allowed = allowed | (k_pos[None, None, :] == q_pos[None, :, None])
+    return allowed[:, None]
+
+
+class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
+    """The tiny VLM with its LM head and pointer head; drive it like Qwen2.5-VL through transformers."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__(config)
+        if config.box_token_start_id is None or config.image_token_id is None:
+            raise ValueError("config.box_token_start_id and config.image_token_id must be set; "
+                             "build the model with agents.vlm.tiny.build_tiny_model")
+        self.model = TinyVLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.pointer = TinyVLMPointerHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`; beam search is refused (the pointer keys are not reordered)."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
+            raise ValueError("the tiny VLM does not support beam search; use greedy decoding or sampling")
+        return super().generate(*args, **kwargs)
+
+    def prefix_cache(self, prefix_ids: torch.Tensor, batch_size: int) -> DynamicCache:
+        """KV cache of one text prefix shared by a batch (the system prompt), computed once.
+
+        Continue with ``input_ids`` = each row's rest, left-padded, and
+        ``attention_mask = cat([ones(batch, prefix_len), rest_mask], 1)``: positions and
+        logits are those of the whole sequences. Under ``torch.no_grad()`` this gives a
+        detached prefix: training then skips the prefix's share of the compute (about 410
+        of ~640 tokens for a one-image prompt with the standard tool prompt), and its
+        gradient.
+        """
+        if prefix_ids.ndim != 1 or bool((prefix_ids == self.config.image_token_id).any()):
+            raise ValueError("the shared prefix must be a 1D tensor of text token ids (no image tokens)")
+        cache = self.model(input_ids=prefix_ids[None], use_cache=True).cache
+        cache.batch_repeat_interleave(batch_size)
+        return cache
+
+    def image_one_keys(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                       image_grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pointer keys ``(B, cells, dim)`` from the states of each row's first image, and which rows have one."""
+        batch = hidden.shape[0]
+        keys = hidden.new_zeros(batch, self.config.pointer_grid ** 2, hidden.shape[-1])
+        is_image = input_ids == self.config.image_token_id
+        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+        per_row = starts.sum(-1)
+        valid = per_row > 0
+        if image_grid_thw is not None and bool(valid.any()):
+            first_image = (per_row.cumsum(0) - per_row).tolist()
+            for b in torch.nonzero(valid).flatten().tolist():
+                _, grid_h, grid_w = (int(v) for v in image_grid_thw[first_image[b]])
+                start = int(starts[b].nonzero()[0])
+                index = start + self.pointer.cell_index(grid_h, grid_w, hidden.device)
+                keys[b] = hidden[b, index]
+        else:
+            valid = torch.zeros_like(valid)
+        return self.pointer.key(keys), valid
+
+    @can_return_tuple
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, pointer_keys: torch.Tensor | None = None,
+                pointer_valid: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs: Any) -> TinyVLMCausalLMOutputWithPast:
+        r"""Logits for every kept position over the whole vocabulary.
+
+        `labels` (``-100`` ignored) give the usual shifted next-token loss. `pointer_keys` /
+        `pointer_valid` (from a previous output) are used instead of image 1's tokens in
+        this input; without them and without image 1 in `input_ids`, box tokens get no mass.
+        `logits_to_keep`: 0 keeps all positions, ``n`` the last ``n``, a 1D tensor those indices.
+        """
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError("the tiny VLM returns neither attentions nor per-layer hidden states")
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
+                             image_grid_thw=image_grid_thw, use_cache=use_cache)
+        hidden = outputs.last_hidden_state
+        if pointer_keys is None:
+            if input_ids is None:
+                pointer_keys = hidden.new_zeros(hidden.shape[0], self.config.pointer_grid ** 2, self.config.pointer_dim)
+                pointer_valid = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            else:
+                pointer_keys, pointer_valid = self.image_one_keys(hidden, input_ids, image_grid_thw)
+        elif pointer_valid is None:
+            raise ValueError("pointer_keys need pointer_valid (both come in the model's output)")
+        hidden = slice_logits_to_keep(hidden, logits_to_keep)
+        start = self.config.box_token_start_id
+        logits = torch.cat([self.lm_head(hidden)[..., :start],
+                            self.pointer(hidden, pointer_keys, pointer_valid)], dim=-1)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return TinyVLMCausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                             pointer_keys=pointer_keys, pointer_valid=pointer_valid)
+
+    def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict[str, Any],
+                                            is_encoder_decoder: bool = False,
+                                            num_new_tokens: int = 1) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens)
+        model_kwargs["pointer_keys"] = outputs.pointer_keys
+        model_kwargs["pointer_valid"] = outputs.pointer_valid
+        return model_kwargs

@@ -1,0 +1,242 @@
+"""The tiny VLM through transformers: processor, batched generation, save/load, box tokens."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+from agents.vlm.chat import Conversation  # noqa: E402
+from agents.vlm.tiny import (  # noqa: E402
+    BoxVocab, TinyVLMForConditionalGeneration, TinyVLMProcessor, build_tiny_model, build_tiny_processor,
+)
+from pxr_env import ops  # noqa: E402
+from pxr_env.actions import format_tool_call, parse_turn  # noqa: E402
+
+BOXES = BoxVocab()
+CALL_PREFIX = '<tool_call>\n{"name": "crop_image", "arguments": {"bbox_2d": ['
+
+
+def _image(seed: int, shape: tuple[int, int]) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+def _crop_call(box_index: int) -> str:
+    return format_tool_call("crop_image", {"bbox_2d": json.loads(f"[{BOXES.texts[box_index]}]"), "target_image": 1})
+
+
+def _conversations() -> list[Conversation]:
+    """Four different episodes: 1 image; 2 images (a crop); 16 video frames; 1 image and an error turn."""
+    convs = [Conversation() for _ in range(4)]
+    convs[0].add_observation({"text": "What digit is written on the red square?", "images": (_image(0, (224, 224)),)})
+    convs[1].add_observation({"text": "How many blue circles are there?", "images": (_image(1, (768, 1024)),)})
+    convs[1].add_assistant("Let me zoom in.\n" + _crop_call(300))
+    convs[1].add_observation({"text": "Here is the cropped image (image 2, 224x196 px):",
+                              "images": (_image(2, (196, 224)),)})
+    frames = tuple(_image(10 + i, (112, 112)) for i in range(16))
+    convs[2].add_observation({"text": "The video has 16 frames.\nWhat happens first?", "images": frames})
+    convs[3].add_observation({"text": "Which bar is the tallest?", "images": (_image(3, (224, 252)),)})
+    convs[3].add_assistant("<tool_call>\n{oops\n</tool_call>")
+    convs[3].add_observation({"text": "Execution error: tool call is not valid JSON", "images": ()})
+    return convs
+
+
+@pytest.fixture(scope="module")
+def processor() -> TinyVLMProcessor:
+    return build_tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def model(processor: TinyVLMProcessor) -> TinyVLMForConditionalGeneration:
+    torch.set_num_threads(1)
+    return build_tiny_model(processor, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(processor: TinyVLMProcessor):
+    convs = _conversations()
+    texts = [processor.apply_chat_template(c.messages, add_generation_prompt=True, tokenize=False) for c in convs]
+    images = [image for c in convs for image in c.images]
+    return convs, processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def test_parameter_count_and_tokens_per_image(model: TinyVLMForConditionalGeneration,
+                                              processor: TinyVLMProcessor):
+    n = sum(p.numel() for p in model.parameters())
+    assert 1e6 <= n <= 20e6, n
+    grids = processor.image_processor([_image(0, (224, 224)), _image(0, (112, 112)), _image(0, (2000, 1500))],
+                                      return_tensors="pt")["image_grid_thw"]
+    assert grids.tolist() == [[1, 14, 14], [1, 7, 7], [1, 14, 14]]
+
+
+def test_processor_expands_each_image_and_pads_left(processor: TinyVLMProcessor, batch):
+    convs, inputs = batch
+    grids = inputs["image_grid_thw"]
+    assert grids.tolist() == [[1, 14, 14], [1, 14, 14], [1, 14, 14]] + [[1, 7, 7]] * 16 + [[1, 14, 14]]
+    assert inputs["pixel_values"].shape == (int(grids.prod(-1).sum()), 3 * 16 * 16)
+    per_row = (inputs["input_ids"] == processor.image_token_id).sum(-1).tolist()
+    assert per_row == [196, 392, 16 * 49, 196]
+    mask = inputs["attention_mask"]
+    assert mask[:, -1].all() and not mask[0, 0]  # left padding
+    pad = processor.tokenizer.pad_token_id
+    assert (inputs["input_ids"][mask == 0] == pad).all()
+    values = inputs["pixel_values"]
+    assert values.min() >= -1 and values.max() <= 1
+
+
+def test_chat_template_and_continuation_segments_tokenize_like_the_whole(processor: TinyVLMProcessor):
+    tok = processor.tokenizer
+    conv = Conversation()
+    question = {"text": "What digit is written on the red square?", "images": (_image(0, (224, 224)),)}
+    crop = {"text": "Here is the cropped image (image 2, 224x224 px):", "images": (_image(1, (224, 224)),)}
+    segments = [conv.add_observation(question)]
+    turn = "I need to look closer.\n" + _crop_call(5)
+    conv.add_assistant(turn)
+    segments += [turn, conv.add_observation(crop)]
+    assert processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False) == conv.render()
+    whole = tok(conv.render())["input_ids"]
+    pieces = [i for s in segments for i in tok(s)["input_ids"]]
+    assert pieces == whole
+    assert tok.convert_tokens_to_ids(BOXES.texts[5]) in whole
+
+
+def test_batched_generate_matches_single_rows_and_the_uncached_loop(model, processor, batch):
+    convs, inputs = batch
+    options = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    cached = model.generate(**inputs, **options)
+    uncached = model.generate(**inputs, use_cache=False, **options)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    width = inputs["input_ids"].shape[1]
+    for row, conv in enumerate(convs):
+        text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+        single = processor(text=[text], images=conv.images, return_tensors="pt")
+        alone = model.generate(**single, **options)
+        assert torch.equal(alone.sequences[0, single["input_ids"].shape[1]:], cached.sequences[row, width:])
+        for a, b in zip(alone.logits, cached.logits):
+            torch.testing.assert_close(a[0], b[row], atol=2e-4, rtol=1e-4)
+
+
+def test_forward_log_probs_equal_the_rollout_scores(model, batch):
+    _, inputs = batch
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+    width = inputs["input_ids"].shape[1]
+    sequences = generated.sequences
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(sequences[:, width:])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=sequences, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                       image_grid_thw=inputs["image_grid_thw"], logits_to_keep=sequences.shape[1] - width + 1).logits
+    new = sequences[:, width:]
+    forward_lp = logits[:, :-1].log_softmax(-1).gather(-1, new[..., None])[..., 0]
+    rollout_lp = torch.stack(generated.logits, 1).log_softmax(-1).gather(-1, new[..., None])[..., 0]
+    torch.testing.assert_close(forward_lp, rollout_lp, atol=2e-4, rtol=1e-4)
+
+
+def test_sampling_with_stop_string_and_top_k_top_p(model, processor, batch):
+    _, inputs = batch
+    out = model.generate(**inputs, do_sample=True, temperature=1.0, top_p=0.95, top_k=40, max_new_tokens=6,
+                         stop_strings=["</tool_call>"], tokenizer=processor.tokenizer)
+    assert out.shape[0] == 4 and out.shape[1] <= inputs["input_ids"].shape[1] + 6
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(**inputs, num_beams=2, max_new_tokens=2)
+
+
+def test_save_and_load_through_the_auto_classes(model, processor, batch, tmp_path):
+    _, inputs = batch
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded_processor, TinyVLMProcessor) and isinstance(loaded, TinyVLMForConditionalGeneration)
+    convs, _ = batch
+    texts = [loaded_processor.apply_chat_template(c.messages, add_generation_prompt=True, tokenize=False)
+             for c in convs]
+    again = loaded_processor(text=texts, images=[i for c in convs for i in c.images], return_tensors="pt",
+                             padding=True)
+    assert all(torch.equal(again[k], inputs[k]) for k in inputs)
+    with torch.no_grad():
+        before = model(**inputs).logits.log_softmax(-1)
+        after = loaded(**again).logits.log_softmax(-1)
+    assert torch.equal(before, after)
+    assert loaded.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+
+
+def test_box_tokens_come_from_the_pointer_and_decode_to_a_crop_call(model, processor):
+    tok = processor.tokenizer
+    start = model.config.box_token_start_id
+    conv = Conversation()
+    image = _image(4, (700, 1000))
+    conv.add_observation({"text": "What digit is written on the red square?", "images": (image,)})
+    prompt = conv.render() + CALL_PREFIX
+    inputs = processor(text=[prompt, "<|im_start|>user\nno image here<|im_end|>\n" + CALL_PREFIX],
+                       images=[image], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    probs = out.logits[:, -1].softmax(-1)
+    assert out.pointer_valid.tolist() == [True, False]
+    assert probs[0, start:].sum() > 0 and probs[1, start:].sum() == 0
+    box = int(out.logits[0, -1, start:].argmax())
+    turn = CALL_PREFIX + tok.decode([start + box], skip_special_tokens=True) + '], "target_image": 1}}\n</tool_call>'
+    assert turn == _crop_call(box)
+    parsed = parse_turn(turn)
+    assert parsed.tool_call is not None and parsed.tool_call.name == "crop_image"
+    bbox = parsed.tool_call.arguments["bbox_2d"]
+    assert tuple(bbox) == BOXES.boxes[box] and all(0 <= v < 1 for v in bbox)
+    crop, view, _ = ops.crop_image([image], [(224, 224)], bbox, 1, (64 * 784, 64 * 784))
+    assert view.shape[2] == 3 and crop.size > 0
+    assert tok(BOXES.texts[box])["input_ids"] == [start + box]
+
+
+def test_pointer_cells_map_onto_coarser_image_grids(model):
+    index = model.pointer.cell_index(7, 7, torch.device("cpu")).view(14, 14)
+    rows, cols = torch.meshgrid(torch.arange(14), torch.arange(14), indexing="ij")
+    assert torch.equal(index, (rows // 2) * 7 + cols // 2)
+    assert torch.equal(model.pointer.cell_index(14, 14, torch.device("cpu")), torch.arange(196))
+
+
+def test_labels_give_the_shifted_cross_entropy(model, batch):
+    _, inputs = batch
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    out = model(**inputs, labels=labels)
+    logits = out.logits[:, :-1].flatten(0, 1)
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert model.pointer.key.weight.grad is not None and model.model.vision.stem[0].weight.grad is not None
+    model.zero_grad()
+
+
+def test_box_vocab_texts_are_distinct_valid_fractions():
+    assert len(BOXES) == 14 * 14 * 4 and len(set(BOXES.texts)) == len(BOXES)
+    for text, box in zip(BOXES.texts, BOXES.boxes):
+        assert ops.normalize_bbox(json.loads(f"[{text}]"), (224, 224)) == box
+    cell, size = BOXES.split(BOXES.snap((0.50, 0.30, 0.54, 0.34)))
+    assert (cell, size) == (BOXES.cell_at(0.52, 0.32), 0)
+    with pytest.raises(ValueError, match="x1 < x2"):
+        BOXES.snap((0.5, 0.5, 0.4, 0.6))
+
+
+def test_a_shared_prefix_cache_gives_the_whole_sequence_logits(model, processor, batch):
+    convs, inputs = batch
+    shared = convs[0].render().split("<|vision_start|>")[0]  # system message and "<|im_start|>user\n"
+    assert all(c.render().startswith(shared) for c in convs)
+    prefix = processor.tokenizer(shared, return_tensors="pt")["input_ids"][0]
+    texts = [c.render()[len(shared):] for c in convs]
+    rest = processor(text=texts, images=[i for c in convs for i in c.images], return_tensors="pt", padding=True)
+    mask = torch.cat([torch.ones(4, len(prefix), dtype=torch.long), rest["attention_mask"]], 1)
+    with torch.no_grad():
+        cache = model.prefix_cache(prefix, batch_size=4)
+        split = model(input_ids=rest["input_ids"], attention_mask=mask, pixel_values=rest["pixel_values"],
+                      image_grid_thw=rest["image_grid_thw"], cache=cache, logits_to_keep=1).logits
+        whole = model(**inputs, logits_to_keep=1).logits
+    torch.testing.assert_close(split, whole, atol=2e-4, rtol=1e-4)
