@@ -1,0 +1,396 @@
+"""GRPO with curiosity-shaped rewards: G rollouts per query, group-relative advantages.
+
+One step: draw `queries_per_step` training queries, play `group_size` episodes of each with
+the current policy (batched, multi-turn, through the real environment), shape each
+group's rewards (`wrappers.curiosity.group_shaped_rewards`: the curiosity bonus with RaPR
+measured on the group, the efficiency penalty), take ``r - mean(group)`` as every
+generated token's advantage, drop groups whose rewards are all equal, and run
+`updates_per_step` clipped-ratio updates (asymmetric clip, token-level averaging over the
+policy's own tokens; tool outputs and prompts are masked). Optional: KL to the starting
+policy, std normalisation, selective sample replay.
+
+Metrics go to TensorBoard and ``metrics.jsonl`` (`agents.logger.MetricLogger`) under
+``train/`` (the rollouts' accuracy, RaPR, operations, errors, crop hits; RaPR and
+accuracy split by whether an item is answerable without operations), ``reward/`` (each
+term), ``loss/`` (policy loss, KL, clip fraction) and ``eval/`` (greedy on held-out
+queries, every `eval_every` steps). Checkpoints (`agents.checkpoint`) every `save_every`
+steps; ``resume=True`` continues the latest one with no lost or repeated step.
+
+Run ``python -m agents.grpo --model checkpoints/tiny-warmstart --out runs/grpo`` (``--help``
+lists every field of `GRPOConfig`). The same code drives a real checkpoint (e.g.
+``Qwen/Qwen2.5-VL-7B-Instruct``) on a GPU; under ``accelerate launch`` / ``torchrun`` each
+process plays its share of the queries and gradients are averaged (`agents.distributed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agents import distributed
+from agents.advantages import clipped_policy_loss, group_advantages, kl_penalty, zero_variance_mask
+from agents.checkpoint import capture_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
+from agents.logger import MetricLogger
+from agents.metrics import summarize
+from agents.rollout import Trajectory, collect
+from agents.schedules import cosine_schedule
+from agents.vlm.hf import TransformersPolicy, pad_items, placeholder_token_ids, token_logprobs, trajectory_item
+from pxr_env.tasks import make_task_source
+from wrappers.curiosity import group_shaped_rewards
+
+
+@dataclass
+class GRPOConfig:
+    """Every setting of a GRPO run; the defaults are the paper's where it gives one (REFERENCE sec 4)."""
+
+    model: str = "checkpoints/tiny-warmstart"
+    """Path or hub id of the starting policy (the warm start)."""
+    out: str = "runs/grpo"
+    """Run folder: metrics, TensorBoard events, checkpoints, the final model."""
+    tasks: Any = "zoom-read"
+    """Task source spec for `pxr_env.tasks.make_task_source` (a family, a mix, dataset folders)."""
+    env_kwargs: dict = field(default_factory=dict)
+    """Extra `PixelQAEnv` arguments (pixel bounds, limits)."""
+    steps: int = 200
+    """Optimizer-update rounds (each: one batch of rollouts, `updates_per_step` updates)."""
+    queries_per_step: int = 16
+    """Queries per rollout batch (the paper: 512)."""
+    group_size: int = 8
+    """Rollouts per query (G)."""
+    updates_per_step: int = 1
+    """Optimizer updates per rollout batch (the paper: buffer 512 / train batch 256 = 2)."""
+    micro_batch_size: int = 16
+    """Trajectories per forward/backward pass (gradient accumulation inside an update)."""
+    lr: float = 1e-6
+    """Peak learning rate (the paper: 1e-6 for 7B; a from-scratch tiny model needs ~1e-4)."""
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.35
+    kl_coef: float = 0.0
+    """Weight of the k3 KL to the starting policy (the paper: 0)."""
+    normalize_std: bool = False
+    """Divide advantages by the group's std (the paper: no)."""
+    filter_zero_variance: bool = True
+    """Drop groups whose shaped rewards are all equal (they carry no gradient)."""
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 40
+    max_new_tokens: int = 64
+    max_turns: int = 4
+    """Turns after which an episode is cut (reward 0)."""
+    curiosity: bool = True
+    """Add the curiosity bonus (the ablation switches it off)."""
+    penalty: bool = True
+    """Add the efficiency penalty."""
+    variant: Literal["paper", "code"] = "paper"
+    """Reward formulas: the paper's or the released code's (REFERENCE sec 3)."""
+    alpha: float = 0.5
+    beta: float = 0.05
+    H: float = 0.3
+    N: int = 1
+    eval_every: int = 25
+    """Greedy evaluation on held-out queries every this many steps (0: only at the end)."""
+    eval_queries: int = 128
+    eval_seed: int = 10_000
+    """Seed of the held-out query draw (training queries come from a different stream)."""
+    save_every: int = 25
+    keep_checkpoints: int = 2
+    resume: bool = False
+    """Continue from the latest checkpoint in ``out/checkpoints``."""
+    max_minutes: float = 0.0
+    """Stop (after a checkpoint and the final evaluation) once this much wall time is spent; 0: no limit."""
+    seed: int = 0
+    threads: int = 0
+    """torch threads (0: leave torch's default)."""
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2: GRPO compares rollouts of the same query")
+        if min(self.steps, self.queries_per_step, self.updates_per_step, self.micro_batch_size, self.max_turns) < 1:
+            raise ValueError("steps, queries_per_step, updates_per_step, micro_batch_size and max_turns must be >= 1")
+        if self.variant not in ("paper", "code"):
+            raise ValueError(f"variant must be 'paper' or 'code', got {self.variant!r}")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise ValueError("need 0 <= clip_low < 1 and clip_high >= 0")
+        if self.temperature <= 0:
+            raise ValueError("GRPO samples: temperature must be > 0")
+        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need lr > 0, 0 <= warmup_ratio < 1 and 0 <= min_lr_ratio <= 1")
+
+
+def shape_rewards(trajectories: Sequence[Trajectory], config: GRPOConfig) -> dict[str, np.ndarray]:
+    """Shaped rewards of one query's G trajectories: ``reward`` and each term, shape ``(G,)``.
+
+    The task reward is the env's score (0 for an episode cut before answering). Curiosity
+    and penalty terms are zeroed when switched off in `config`.
+    """
+    infos = [t.info for t in trajectories]
+    terms = group_shaped_rewards(
+        [float(i.get("score") or 0.0) for i in infos],
+        [bool(i.get("used_pixel_reasoning")) for i in infos],
+        [int(i.get("n_visual_ops", 0)) for i in infos],
+        [int(i.get("n_tool_calls", 0)) for i in infos],
+        bool(trajectories[0].reset_info.get("is_video")),
+        variant=config.variant, alpha=config.alpha, beta=config.beta, H=config.H, N=config.N,
+    )
+    if not config.curiosity:
+        terms["reward_curiosity"] = np.zeros_like(terms["reward_curiosity"])
+    if not config.penalty:
+        terms["reward_penalty"] = np.zeros_like(terms["reward_penalty"])
+    terms["reward"] = terms["reward_task"] + terms["reward_curiosity"] + terms["reward_penalty"]
+    return terms
+
+
+def rollout_metrics(records: Sequence[tuple[str, dict]], task_source: Any, prefix: str) -> dict[str, float]:
+    """Episode metrics of ``(sample_id, final info)`` records under `prefix`, plus accuracy and
+    RaPR split by whether the item is answerable without operations (``shortcut_*`` /
+    ``needs_ops_*``) and accuracy split by whether the episode used an operation."""
+    infos = [info for _, info in records]
+    out = {k: v for k, v in summarize(infos).as_dict(prefix).items() if v is not None and not k.endswith("episodes")}
+    split: dict[str, list[dict]] = {"shortcut": [], "needs_ops": []}
+    for sample_id, info in records:
+        answerable = task_source.get(sample_id).answerable_without_ops
+        if answerable is not None:
+            split["shortcut" if answerable else "needs_ops"].append(info)
+    for name, group in split.items():
+        if group:
+            m = summarize(group)
+            out[f"{prefix}{name}_accuracy"] = m.accuracy
+            out[f"{prefix}{name}_rapr"] = m.rapr
+    for name, used in (("with_ops", True), ("without_ops", False)):
+        group = [i for i in infos if bool(i.get("used_pixel_reasoning")) == used]
+        if group:
+            out[f"{prefix}accuracy_{name}"] = summarize(group).accuracy
+    return out
+
+
+def _records(trajectories: Sequence[Trajectory]) -> list[tuple[str, dict]]:
+    return [(t.sample_id, t.info) for t in trajectories]
+
+
+REWARD_KEYS = (("total", "reward"), ("task", "reward_task"), ("curiosity", "reward_curiosity"),
+               ("penalty", "reward_penalty"))
+
+
+class GRPOTrainer:
+    """Owns the model, optimizer, schedule, envs and logging of one GRPO run (see the module doc)."""
+
+    def __init__(self, config: GRPOConfig) -> None:
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.rank, self.world = distributed.rank_and_world()
+        self.out = Path(config.out)
+        torch.manual_seed(config.seed)
+        self.policy = TransformersPolicy.from_pretrained(
+            config.model, device=config.device, temperature=config.temperature, top_p=config.top_p,
+            top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=config.seed)
+        self.model, self.processor = self.policy.model, self.policy.processor
+        self.suppressed = placeholder_token_ids(self.processor)
+        self.reference = None
+        if config.kl_coef > 0:
+            self.reference = type(self.model).from_pretrained(config.model).to(config.device).eval()
+            self.reference.requires_grad_(False)
+        distributed.broadcast_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        total_updates = config.steps * config.updates_per_step
+        self.scheduler = cosine_schedule(self.optimizer, round(config.warmup_ratio * total_updates), total_updates,
+                                         config.min_lr_ratio)
+        self.task_source = make_task_source(config.tasks)
+        episodes = config.queries_per_step * config.group_size
+        self.envs = [self._make_env() for _ in range(max(1, math.ceil(episodes / self.world)))]
+        self.query_rng = np.random.default_rng([config.seed, 1])
+        self.eval_ids = self._draw_queries(np.random.default_rng([config.eval_seed, 2]), config.eval_queries)
+        self.start_step = 0
+        if config.resume:
+            path = latest_checkpoint(self.out / "checkpoints")
+            if path is not None:
+                state = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                        generators={"queries": self.query_rng})
+                self.start_step = state.step
+
+    def _make_env(self) -> gym.Env:
+        return gym.make("PixelQA-v0", tasks=self.task_source, max_episode_steps=self.config.max_turns,
+                        **self.config.env_kwargs)
+
+    def _draw_queries(self, rng: np.random.Generator, n: int) -> list[str]:
+        return [self.task_source.sample(rng).sample_id for _ in range(n)]
+
+    # ------------------------------------------------------------------ rollouts
+    def rollouts(self, step: int) -> list[Trajectory]:
+        """This process's share of the step's queries, `group_size` sampled episodes each."""
+        config = self.config
+        queries = self._draw_queries(self.query_rng, config.queries_per_step)
+        mine = queries[self.rank::self.world]
+        self.policy.temperature = config.temperature
+        self.model.eval()
+        return collect(self.policy, self.envs, samples=mine, group_size=config.group_size,
+                       seed=config.seed * 1_000_003 + step * 10_007 + self.rank, progress=False)
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy episodes on the held-out queries (this process's share, metrics gathered)."""
+        saved = self.policy.temperature
+        self.policy.temperature = 0.0
+        self.model.eval()
+        mine = self.eval_ids[self.rank::self.world]
+        trajectories = collect(self.policy, self.envs, samples=mine, group_size=1, seed=self.config.eval_seed,
+                               progress=False)
+        self.policy.temperature = saved
+        return rollout_metrics(distributed.gather_objects(_records(trajectories)), self.task_source, "eval/")
+
+    # -------------------------------------------------------------------- update
+    def update(self, items: list[dict[str, torch.Tensor]], advantages: torch.Tensor) -> dict[str, float]:
+        """`updates_per_step` clipped-ratio updates over `items` (each with ``old_logprobs``)."""
+        config = self.config
+        self.model.train()
+        stats: dict[str, list[float]] = {"loss/policy": [], "loss/clip_fraction": [], "loss/approx_kl": [],
+                                         "loss/kl_ref": [], "loss/grad_norm": []}
+        order = np.arange(len(items))
+        np.random.default_rng([config.seed, 3, self.scheduler.last_epoch]).shuffle(order)
+        for chunk in np.array_split(order, config.updates_per_step):
+            if len(chunk) == 0:
+                continue
+            local_tokens = sum(int(items[i]["loss_mask"].sum()) for i in chunk)
+            num_tokens = max(1, distributed.all_reduce_sum(local_tokens))
+            self.optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(chunk), config.micro_batch_size):
+                idx = chunk[start:start + config.micro_batch_size]
+                batch = pad_items(self.processor, [items[i] for i in idx])
+                mask = batch["loss_mask"].float()
+                logp = token_logprobs(self.model, batch, config.temperature, self.suppressed)
+                loss, info = clipped_policy_loss(logp, batch["old_logprobs"], advantages[idx], mask,
+                                                 config.clip_low, config.clip_high, num_tokens=num_tokens)
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = token_logprobs(self.reference, batch, config.temperature, self.suppressed)
+                    kl = kl_penalty(logp, ref, mask, kind="k3", num_tokens=num_tokens)
+                    loss = loss + config.kl_coef * kl
+                    stats["loss/kl_ref"].append(float(kl))
+                # the loss is already divided by the global token count: sum over ranks, not mean
+                (loss * self.world).backward()
+                stats["loss/policy"].append(float(loss.detach()))
+                stats["loss/clip_fraction"].append(float(info["clip_fraction"]))
+                stats["loss/approx_kl"].append(float(info["approx_kl"]))
+            distributed.average_gradients(self.model)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            stats["loss/grad_norm"].append(float(norm))
+            self.optimizer.step()
+            self.scheduler.step()
+        return {k: float(np.mean(v)) for k, v in stats.items() if v}
+
+    # ---------------------------------------------------------------------- loop
+    def train(self) -> dict[str, float]:
+        """Run the remaining steps; return the last evaluation's metrics."""
+        config = self.config
+        main = self.rank == 0
+        logger = MetricLogger(self.out, resume_step=self.start_step if config.resume else None) if main else None
+        if main:
+            (self.out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        started, last_eval = time.time(), {}
+        bar = tqdm(range(self.start_step, config.steps), desc="grpo", disable=not (config.progress and main),
+                   initial=self.start_step, total=config.steps)
+        step = self.start_step
+        for step in bar:
+            if step == 0 or (config.eval_every and step % config.eval_every == 0):
+                last_eval = self.evaluate()
+                if logger:
+                    logger.log(step, last_eval)
+            tick = time.time()
+            trajectories = self.rollouts(step)
+            groups: dict[int, list[Trajectory]] = {}
+            for t in trajectories:
+                groups.setdefault(t.group, []).append(t)
+            shaped = [shape_rewards(g, config) for g in groups.values()]
+            rewards = torch.as_tensor(np.stack([s["reward"] for s in shaped]), dtype=torch.float32)
+            advantages = group_advantages(rewards, normalize_std=config.normalize_std)
+            keep = ~zero_variance_mask(rewards) if config.filter_zero_variance else torch.ones(len(shaped), dtype=torch.bool)
+            items, item_adv = [], []
+            for g, (members, kept) in enumerate(zip(groups.values(), keep.tolist())):
+                if kept:
+                    for m, t in enumerate(members):
+                        items.append(trajectory_item(self.processor, t))
+                        item_adv.append(float(advantages[g, m]))
+            rollout_seconds = time.time() - tick
+            update_stats = self.update(items, torch.tensor(item_adv)) if items else {}
+            generated = sum(int(t.generated_mask.sum()) for t in trajectories)
+            all_shaped = distributed.gather_objects(shaped)
+            row = {
+                **rollout_metrics(distributed.gather_objects(_records(trajectories)), self.task_source, "train/"),
+                **{f"reward/{name}": float(np.mean([s[key] for s in all_shaped])) for name, key in REWARD_KEYS},
+                **update_stats,
+                "train/kept_groups": distributed.all_reduce_sum(float(keep.sum())) / len(all_shaped),
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "time/rollout_s": rollout_seconds,
+                "time/step_s": time.time() - tick,
+                "time/generated_tokens_per_s": generated / max(rollout_seconds, 1e-9),
+            }
+            if logger:
+                logger.log(step + 1, row)
+            bar.set_postfix(acc=f"{row['train/accuracy']:.2f}", rapr=f"{row['train/rapr']:.2f}")
+            out_of_time = config.max_minutes and (time.time() - started) / 60 >= config.max_minutes
+            if main and ((step + 1) % config.save_every == 0 or step + 1 == config.steps or out_of_time):
+                save_checkpoint(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, step + 1,
+                                capture_rng_states({"queries": self.query_rng}), {"config": asdict(config)},
+                                keep_last=config.keep_checkpoints)
+            if out_of_time:
+                step += 1
+                break
+        else:
+            step = config.steps
+        last_eval = self.evaluate()
+        if logger:
+            logger.log(max(step, self.start_step) + 1, last_eval)
+            logger.close()
+        if main:
+            self.policy.save_pretrained(self.out / "final")
+            (self.out / "final_eval.json").write_text(json.dumps(last_eval, indent=2))
+        return last_eval
+
+
+def _parse_args(argv: Sequence[str] | None = None) -> GRPOConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(GRPOConfig):
+        default = f.default if f.default is not field else None
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
+        elif f.name in ("tasks", "env_kwargs"):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=_json_or_text, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return GRPOConfig(**args)
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = _parse_args(argv)
+    distributed.init()
+    metrics = GRPOTrainer(config).train()
+    if distributed.rank_and_world()[0] == 0:
+        print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
