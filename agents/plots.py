@@ -111,6 +111,11 @@ def plot_curves(
             if not curves:
                 continue
             color = f"C{index % 10}"
+            if len(curves) > 1 and max(c[0][0] for c in curves) > min(c[0][-1] for c in curves):
+                for k, (steps, values) in enumerate(curves):  # disjoint step ranges: no mean to take
+                    ax.plot(steps, values, color=color, label=label if k == 0 else None, marker="o", markersize=3)
+                drawn = True
+                continue
             steps, mean, std = aggregate(curves)
             name = label if len(curves) == 1 else f"{label} (n={len(curves)})"
             marker = "o" if len(steps) <= 30 else None  # sparse points (evaluations) stay visible
