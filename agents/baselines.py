@@ -89,6 +89,24 @@ class OraclePolicy:
         return format_answer(sample.answers[0])
 
 
+class ReaderPolicy(OraclePolicy):
+    """The synthetic suite's template reader as a policy: the bounds that perception allows.
+
+    With ``use_operations=True`` it looks at the evidence (as `OraclePolicy`), then answers
+    what the reader reads in that crop or those frames; with False it answers at once what
+    the reader reads in the initial view (the "no zoom" bound of docs/tasks.md). Synthetic
+    families only (`pxr_env.tasks.synthetic.reader_answer`).
+    """
+
+    def _turn(self, sample: Sample, context: EpisodeContext) -> str:
+        from pxr_env.tasks.synthetic import reader_answer
+
+        call = self.evidence_call(sample) if self.use_operations else None
+        if call is not None and context.turn == 0:
+            return call
+        return format_answer(reader_answer(sample, with_ops=call is not None))
+
+
 class AnswerOnlyPolicy:
     """Never uses an operation: answers at the first turn with `answer_fn(observation, context)`.
 

@@ -7,8 +7,10 @@
         --batch-size 16 --temperature 0 --out runs/eval-vstar
 
 `--policy` is a baseline (``oracle``: looks at the evidence, then gives the gold answer;
-``oracle-no-ops``: gives the gold answer at once; ``random``; ``answer-only``: the first
-option or 0 at once) or a model folder / hub id, played by `agents.vlm.hf.TransformersPolicy`
+``oracle-no-ops``: gives the gold answer at once; ``reader``: looks at the evidence, then
+answers what the synthetic suite's template reader reads there; ``reader-no-ops``: answers
+what the reader reads in the initial view, the "no zoom" bound; ``random``;
+``answer-only``: the first option or 0 at once) or a model folder / hub id, played by `agents.vlm.hf.TransformersPolicy`
 or, with ``--backend vllm``, by `agents.vlm.vllm_backend.VLLMPolicy`.
 `--tasks` is a task-source name (``synthetic``, ``zoom-read``, ...) or a JSON spec as
 ``gymnasium.make("PixelQA-v0", tasks=...)`` takes it. The same ``--seed`` gives the same
@@ -27,12 +29,12 @@ from typing import Any, Sequence
 import gymnasium as gym
 
 import pxr_env  # registers PixelQA-v0
-from agents.baselines import AnswerOnlyPolicy, OraclePolicy, RandomPolicy
+from agents.baselines import AnswerOnlyPolicy, OraclePolicy, RandomPolicy, ReaderPolicy
 from agents.metrics import format_table, summarize_by
 from agents.report import write_report
 from agents.rollout import collect
 
-BASELINES = ("oracle", "oracle-no-ops", "random", "answer-only")
+BASELINES = ("oracle", "oracle-no-ops", "reader", "reader-no-ops", "random", "answer-only")
 
 
 def parse_tasks(text: str) -> Any:
@@ -52,6 +54,8 @@ def build_policy(args: argparse.Namespace, envs: Sequence[gym.Env]) -> Any:
         return OraclePolicy(envs[0].unwrapped.task_source)
     if args.policy == "oracle-no-ops":
         return OraclePolicy(envs[0].unwrapped.task_source, use_operations=False)
+    if args.policy in ("reader", "reader-no-ops"):
+        return ReaderPolicy(envs[0].unwrapped.task_source, use_operations=args.policy == "reader")
     if args.policy == "random":
         return RandomPolicy(seed=args.seed)
     if args.policy == "answer-only":

@@ -105,3 +105,13 @@ def test_a_model_folder_is_evaluated_with_the_transformers_backend(tmp_path, cap
         tokens = rec["tokens"]
         assert len(tokens["token_ids"]) == len(tokens["generated_mask"]) == len(tokens["logprobs"])
         assert 1 <= sum(tokens["generated_mask"]) <= 3 * len(rec["turns"])
+
+
+def test_reader_without_operations_shows_the_no_zoom_bound(tmp_path, capsys):
+    """The template reader through the real env: near-perfect with a crop of the evidence,
+    clearly worse from the initial view alone (docs/tasks.md)."""
+    common = ("--tasks", '{"zoom-read": {"shortcut_share": 0.0, "hard_share": 1.0}}', "--episodes", "30", "--seed", "5")
+    looked = run_eval(capsys, tmp_path / "reader", "--policy", "reader", *common)
+    blind = run_eval(capsys, tmp_path / "blind", "--policy", "reader-no-ops", *common)
+    assert float(looked["all"][1]) >= 0.9 and float(looked["all"][2]) == 1.0
+    assert float(blind["all"][1]) <= 0.6 and float(blind["all"][2]) == 0.0
