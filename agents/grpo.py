@@ -25,6 +25,7 @@ process plays its share of the queries and gradients are averaged (`agents.distr
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import time
@@ -39,7 +40,8 @@ from tqdm.auto import tqdm
 
 from agents import distributed
 from agents.advantages import clipped_policy_loss, group_advantages, kl_penalty, zero_variance_mask
-from agents.checkpoint import capture_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
+from agents.checkpoint import (CheckpointState, capture_rng_states, latest_checkpoint, load_checkpoint,
+                               save_checkpoint)
 from agents.logger import MetricLogger
 from agents.metrics import summarize
 from agents.rollout import Trajectory, collect
@@ -121,6 +123,10 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: GRPO compares rollouts of the same query")
+        self._check_shared()
+
+    def _check_shared(self) -> None:
+        """The checks of the settings GRPO shares with PPO (`agents.ppo.PPOConfig`)."""
         if min(self.steps, self.queries_per_step, self.updates_per_step, self.micro_batch_size, self.max_turns) < 1:
             raise ValueError("steps, queries_per_step, updates_per_step, micro_batch_size and max_turns must be >= 1")
         if self.variant not in ("paper", "code"):
@@ -206,8 +212,9 @@ class GRPOTrainer:
         if config.kl_coef > 0:
             self.reference = type(self.model).from_pretrained(config.model).to(config.device).eval()
             self.reference.requires_grad_(False)
-        distributed.broadcast_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.trained = self._trained_module()
+        distributed.broadcast_parameters(self.trained)
+        self.optimizer = torch.optim.AdamW(self.trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         total_updates = config.steps * config.updates_per_step
         self.scheduler = cosine_schedule(self.optimizer, round(config.warmup_ratio * total_updates), total_updates,
                                          config.min_lr_ratio)
@@ -217,12 +224,22 @@ class GRPOTrainer:
         self.query_rng = np.random.default_rng([config.seed, 1])
         self.eval_ids = self._draw_queries(np.random.default_rng([config.eval_seed, 2]), config.eval_queries)
         self.start_step = 0
+        self.resumed: CheckpointState | None = None
+        """The checkpoint this run continues, if any (its ``extra`` holds `checkpoint_extra`)."""
         if config.resume:
             path = latest_checkpoint(self.out / "checkpoints")
             if path is not None:
-                state = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
-                                        generators={"queries": self.query_rng})
-                self.start_step = state.step
+                self.resumed = load_checkpoint(path, self.trained, self.optimizer, self.scheduler,
+                                               generators={"queries": self.query_rng})
+                self.start_step = self.resumed.step
+
+    def _trained_module(self) -> torch.nn.Module:
+        """What the optimizer updates, gradients are averaged over and checkpoints hold: the policy model."""
+        return self.model
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """The JSON data a checkpoint keeps besides the weights and optimizer: the config."""
+        return {"config": asdict(self.config)}
 
     def _make_env(self) -> gym.Env:
         return gym.make("PixelQA-v0", tasks=self.task_source, max_episode_steps=self.config.max_turns,
@@ -254,12 +271,39 @@ class GRPOTrainer:
         return rollout_metrics(distributed.gather_objects(_records(trajectories)), self.task_source, "eval/")
 
     # -------------------------------------------------------------------- update
+    def batch(self, trajectories: Sequence[Trajectory]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor,
+                                                                   dict[str, float]]:
+        """Training items of this process's `trajectories`, their advantages (``[N]``) and the batch's
+        ``reward/`` and ``train/kept_groups`` metrics (over every process)."""
+        config = self.config
+        groups: dict[int, list[Trajectory]] = {}
+        for t in trajectories:
+            groups.setdefault(t.group, []).append(t)
+        shaped = [shape_rewards(g, config) for g in groups.values()]
+        rewards = torch.as_tensor(np.stack([s["reward"] for s in shaped]), dtype=torch.float32)
+        advantages = group_advantages(rewards, normalize_std=config.normalize_std)
+        keep = (~zero_variance_mask(rewards) if config.filter_zero_variance
+                else torch.ones(len(shaped), dtype=torch.bool))
+        items, item_adv = [], []
+        for g, (members, kept) in enumerate(zip(groups.values(), keep.tolist())):
+            if kept:
+                for m, t in enumerate(members):
+                    items.append(trajectory_item(self.processor, t))
+                    item_adv.append(float(advantages[g, m]))
+        all_shaped = distributed.gather_objects(shaped)
+        stats = {f"reward/{name}": float(np.mean([s[key] for s in all_shaped])) for name, key in REWARD_KEYS}
+        stats["train/kept_groups"] = distributed.all_reduce_sum(float(keep.sum())) / len(all_shaped)
+        return items, torch.tensor(item_adv), stats
+
     def update(self, items: list[dict[str, torch.Tensor]], advantages: torch.Tensor) -> dict[str, float]:
-        """`updates_per_step` clipped-ratio updates over `items` (each with ``old_logprobs``)."""
+        """`updates_per_step` clipped-ratio updates over `items` (each with ``old_logprobs``).
+
+        `advantages` is ``[N]`` (one per item) or ``[N, L]`` (per token, right-padded to at
+        least the longest item).
+        """
         config = self.config
         self.model.train()
-        stats: dict[str, list[float]] = {"loss/policy": [], "loss/clip_fraction": [], "loss/approx_kl": [],
-                                         "loss/kl_ref": [], "loss/grad_norm": []}
+        stats: dict[str, list[float]] = {}
         order = np.arange(len(items))
         np.random.default_rng([config.seed, 3, self.scheduler.last_epoch]).shuffle(order)
         for chunk in np.array_split(order, config.updates_per_step):
@@ -270,28 +314,46 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for start in range(0, len(chunk), config.micro_batch_size):
                 idx = chunk[start:start + config.micro_batch_size]
-                batch = pad_items(self.processor, [items[i] for i in idx])
-                mask = batch["loss_mask"].float()
-                logp = token_logprobs(self.model, batch, config.temperature, self.suppressed)
-                loss, info = clipped_policy_loss(logp, batch["old_logprobs"], advantages[idx], mask,
-                                                 config.clip_low, config.clip_high, num_tokens=num_tokens)
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref = token_logprobs(self.reference, batch, config.temperature, self.suppressed)
-                    kl = kl_penalty(logp, ref, mask, kind="k3", num_tokens=num_tokens)
-                    loss = loss + config.kl_coef * kl
-                    stats["loss/kl_ref"].append(float(kl))
+                batch = {k: v.to(config.device) for k, v in pad_items(self.processor, [items[i] for i in idx]).items()}
+                adv = advantages[idx].to(config.device)
+                if adv.ndim == 2:
+                    adv = adv[:, :batch["input_ids"].shape[1]]
+                loss, info = self.loss(batch, adv, num_tokens)
                 # the loss is already divided by the global token count: sum over ranks, not mean
                 (loss * self.world).backward()
-                stats["loss/policy"].append(float(loss.detach()))
-                stats["loss/clip_fraction"].append(float(info["clip_fraction"]))
-                stats["loss/approx_kl"].append(float(info["approx_kl"]))
-            distributed.average_gradients(self.model)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-            stats["loss/grad_norm"].append(float(norm))
+                for key, value in info.items():
+                    stats.setdefault(key, []).append(value)
+            distributed.average_gradients(self.trained)
+            norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), config.max_grad_norm)
+            stats.setdefault("loss/grad_norm", []).append(float(norm))
             self.optimizer.step()
             self.scheduler.step()
-        return {k: float(np.mean(v)) for k, v in stats.items() if v}
+        return {k: float(np.mean(v)) for k, v in stats.items()}
+
+    def loss(self, batch: dict[str, torch.Tensor], advantages: torch.Tensor,
+             num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """One micro-batch's loss (already divided by `num_tokens`, the update's policy tokens over
+        every process) and its ``loss/`` statistics; `advantages` is ``[B]`` or ``[B, L]``."""
+        logp = token_logprobs(self.model, batch, self.config.temperature, self.suppressed)
+        return self.policy_loss(batch, logp, advantages, num_tokens)
+
+    def policy_loss(self, batch: dict[str, torch.Tensor], logp: torch.Tensor, advantages: torch.Tensor,
+                    num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped surrogate of the log-probs `logp` ``[B, L]`` (plus the KL to the reference
+        policy when `kl_coef` > 0), masked to the policy's tokens, and its statistics."""
+        config = self.config
+        mask = batch["loss_mask"].float()
+        loss, info = clipped_policy_loss(logp, batch["old_logprobs"], advantages, mask,
+                                         config.clip_low, config.clip_high, num_tokens=num_tokens)
+        stats = {"loss/clip_fraction": float(info["clip_fraction"]), "loss/approx_kl": float(info["approx_kl"])}
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = token_logprobs(self.reference, batch, config.temperature, self.suppressed)
+            kl = kl_penalty(logp, ref, mask, kind="k3", num_tokens=num_tokens)
+            loss = loss + config.kl_coef * kl
+            stats["loss/kl_ref"] = float(kl)
+        stats["loss/policy"] = float(loss.detach())
+        return loss, stats
 
     # ---------------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
@@ -312,28 +374,14 @@ class GRPOTrainer:
                     logger.log(step, last_eval)
             tick = time.time()
             trajectories = self.rollouts(step)
-            groups: dict[int, list[Trajectory]] = {}
-            for t in trajectories:
-                groups.setdefault(t.group, []).append(t)
-            shaped = [shape_rewards(g, config) for g in groups.values()]
-            rewards = torch.as_tensor(np.stack([s["reward"] for s in shaped]), dtype=torch.float32)
-            advantages = group_advantages(rewards, normalize_std=config.normalize_std)
-            keep = ~zero_variance_mask(rewards) if config.filter_zero_variance else torch.ones(len(shaped), dtype=torch.bool)
-            items, item_adv = [], []
-            for g, (members, kept) in enumerate(zip(groups.values(), keep.tolist())):
-                if kept:
-                    for m, t in enumerate(members):
-                        items.append(trajectory_item(self.processor, t))
-                        item_adv.append(float(advantages[g, m]))
             rollout_seconds = time.time() - tick
-            update_stats = self.update(items, torch.tensor(item_adv)) if items else {}
+            items, advantages, batch_stats = self.batch(trajectories)
+            update_stats = self.update(items, advantages) if items else {}
             generated = sum(int(t.generated_mask.sum()) for t in trajectories)
-            all_shaped = distributed.gather_objects(shaped)
             row = {
                 **rollout_metrics(distributed.gather_objects(_records(trajectories)), self.task_source, "train/"),
-                **{f"reward/{name}": float(np.mean([s[key] for s in all_shaped])) for name, key in REWARD_KEYS},
+                **batch_stats,
                 **update_stats,
-                "train/kept_groups": distributed.all_reduce_sum(float(keep.sum())) / len(all_shaped),
                 "train/lr": self.scheduler.get_last_lr()[0],
                 "time/rollout_s": rollout_seconds,
                 "time/step_s": time.time() - tick,
@@ -344,8 +392,8 @@ class GRPOTrainer:
             bar.set_postfix(acc=f"{row['train/accuracy']:.2f}", rapr=f"{row['train/rapr']:.2f}")
             out_of_time = config.max_minutes and (time.time() - started) / 60 >= config.max_minutes
             if main and ((step + 1) % config.save_every == 0 or step + 1 == config.steps or out_of_time):
-                save_checkpoint(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, step + 1,
-                                capture_rng_states({"queries": self.query_rng}), {"config": asdict(config)},
+                save_checkpoint(self.out / "checkpoints", self.trained, self.optimizer, self.scheduler, step + 1,
+                                capture_rng_states({"queries": self.query_rng}), self.checkpoint_extra(),
                                 keep_last=config.keep_checkpoints)
             if out_of_time:
                 step += 1
@@ -362,9 +410,10 @@ class GRPOTrainer:
         return last_eval
 
 
-def _parse_args(argv: Sequence[str] | None = None) -> GRPOConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(GRPOConfig):
+def _parse_args(argv: Sequence[str] | None = None, config_class: type[GRPOConfig] = GRPOConfig) -> GRPOConfig:
+    """`config_class` from command-line flags (one per field); the help opens with its module's doc."""
+    parser = argparse.ArgumentParser(description=inspect.getmodule(config_class).__doc__.split("\n\n")[0])
+    for f in fields(config_class):
         default = f.default if f.default is not field else None
         if f.type in ("bool", bool):
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
@@ -374,7 +423,7 @@ def _parse_args(argv: Sequence[str] | None = None) -> GRPOConfig:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return GRPOConfig(**args)
+    return config_class(**args)
 
 
 def _json_or_text(value: str) -> Any:
@@ -384,10 +433,12 @@ def _json_or_text(value: str) -> Any:
         return value
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    config = _parse_args(argv)
+def main(argv: Sequence[str] | None = None, config_class: type[GRPOConfig] = GRPOConfig,
+         trainer_class: type[GRPOTrainer] = GRPOTrainer) -> None:
+    """Parse `config_class` from `argv`, train a `trainer_class` run, print its last evaluation."""
+    config = _parse_args(argv, config_class)
     distributed.init()
-    metrics = GRPOTrainer(config).train()
+    metrics = trainer_class(config).train()
     if distributed.rank_and_world()[0] == 0:
         print(json.dumps(metrics, indent=2))
 
