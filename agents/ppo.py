@@ -35,7 +35,6 @@ lists every field of `PPOConfig`).
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -52,7 +51,7 @@ from agents.grpo import REWARD_KEYS, GRPOConfig, GRPOTrainer
 from agents.grpo import main as _main
 from agents.rollout import Trajectory
 from agents.vlm.hf import model_inputs, pad_items, token_logprobs, trajectory_item
-from wrappers.curiosity import curiosity_bonus
+from wrappers.curiosity import RunningRaPR, curiosity_bonus
 from wrappers.efficiency import efficiency_penalty
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -175,40 +174,6 @@ def last_hidden_state(model: Any) -> Iterator[list[torch.Tensor]]:
         yield captured
     finally:
         handle.remove()
-
-
-class RunningRaPR:
-    """Running RaPR per query, for the curiosity bonus without groups.
-
-    The estimate of an episode is the fraction of the last `window` episodes of its query
-    that used a visual operation, this one included; a query seen for the first time gets
-    the fraction over the last `global_window` episodes of all queries (the estimate of
-    `wrappers.curiosity.CuriosityReward`, kept by the trainer so that it spans every env
-    and process and goes into checkpoints).
-    """
-
-    def __init__(self, window: int = 8, global_window: int = 256) -> None:
-        self.window = window
-        self.per_query: dict[str, deque[bool]] = {}
-        self.recent: deque[bool] = deque(maxlen=global_window)
-
-    def update(self, sample_id: str, used: bool) -> float:
-        """Record an episode of `sample_id` and return the estimate that includes it."""
-        self.recent.append(used)
-        history = self.per_query.get(sample_id)
-        if history is None:
-            self.per_query[sample_id] = deque([used], maxlen=self.window)
-            return sum(self.recent) / len(self.recent)
-        history.append(used)
-        return sum(history) / len(history)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The statistics as JSON data (for `agents.checkpoint` extras)."""
-        return {"per_query": {k: list(v) for k, v in self.per_query.items()}, "recent": list(self.recent)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.per_query = {k: deque(v, maxlen=self.window) for k, v in state["per_query"].items()}
-        self.recent = deque(state["recent"], maxlen=self.recent.maxlen)
 
 
 def episode_rewards(trajectories: Sequence[Trajectory], rapr_estimates: Sequence[float],

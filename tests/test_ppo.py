@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import torch
 
 import agents.ppo as ppo
 from agents.grpo import _parse_args
-from agents.ppo import (VALUE_HEAD_FILE, PPOConfig, PPOTrainer, RunningRaPR, ValueHead, episode_gae,
+from agents.ppo import (VALUE_HEAD_FILE, PPOConfig, PPOTrainer, ValueHead, episode_gae,
                         episode_rewards, explained_variance, per_token, turn_spans)
 from agents.rollout import Trajectory
+from wrappers.curiosity import RunningRaPR
 
 
 def test_episode_gae_matches_hand_values():

@@ -116,6 +116,40 @@ def group_shaped_rewards(
     }
 
 
+class RunningRaPR:
+    """Running RaPR per query, for the curiosity bonus without groups.
+
+    The estimate of an episode is the fraction of the last `window` episodes of its query
+    that used a visual operation, this one included; a query seen for the first time gets
+    the fraction over the last `global_window` episodes of all queries. `CuriosityReward`
+    keeps one per wrapped env; the PPO trainer keeps one for all its envs and processes
+    and saves it in checkpoints.
+    """
+
+    def __init__(self, window: int = 8, global_window: int = 256) -> None:
+        self.window = window
+        self.per_query: dict[str, deque[bool]] = {}
+        self.recent: deque[bool] = deque(maxlen=global_window)
+
+    def update(self, sample_id: str, used: bool) -> float:
+        """Record an episode of `sample_id` and return the estimate that includes it."""
+        self.recent.append(used)
+        history = self.per_query.get(sample_id)
+        if history is None:
+            self.per_query[sample_id] = deque([used], maxlen=self.window)
+            return sum(self.recent) / len(self.recent)
+        history.append(used)
+        return sum(history) / len(history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The statistics as JSON data (for `agents.checkpoint` extras)."""
+        return {"per_query": {k: list(v) for k, v in self.per_query.items()}, "recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.per_query = {k: deque(v, maxlen=self.window) for k, v in state["per_query"].items()}
+        self.recent = deque(state["recent"], maxlen=self.recent.maxlen)
+
+
 class CuriosityReward(gym.Wrapper):
     """Adds the curiosity bonus at the end of each episode, with a running RaPR estimate.
 
@@ -164,24 +198,13 @@ class CuriosityReward(gym.Wrapper):
         self.alpha = float(alpha)
         self.H = float(H)
         self.window = window
-        self._per_sample: dict[Any, deque[bool]] = {}
-        self._recent: deque[bool] = deque(maxlen=global_window)
+        self.estimate = RunningRaPR(window, global_window)
         self._reset_info: dict[str, Any] = {}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
         self._reset_info = info
         return obs, info
-
-    def _update_estimate(self, sample_id: Any, used: bool) -> float:
-        """Record this episode and return the RaPR estimate that includes it."""
-        self._recent.append(used)
-        history = self._per_sample.get(sample_id)
-        if history is None:
-            self._per_sample[sample_id] = deque([used], maxlen=self.window)
-            return sum(self._recent) / len(self._recent)
-        history.append(used)
-        return sum(history) / len(history)
 
     def _lookup(self, info: dict[str, Any], key: str) -> Any:
         if key in info:
@@ -204,7 +227,7 @@ class CuriosityReward(gym.Wrapper):
             shaped["reward_curiosity"] = 0.0
             return obs, float(reward), terminated, truncated, shaped
         is_video = bool(self._lookup(info, "is_video")) if self.variant == "code" else False
-        estimate = self._update_estimate(self._lookup(info, "sample_id"), bool(used))
+        estimate = self.estimate.update(self._lookup(info, "sample_id"), bool(used))
         bonus = curiosity_bonus(estimate, bool(used), variant=self.variant, alpha=self.alpha, H=self.H, is_video=is_video)
         shaped["reward_curiosity"] = bonus
         shaped["rapr_estimate"] = estimate
