@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -34,3 +36,17 @@ def make_fixture_source() -> DatasetSource:
 @pytest.fixture
 def fixture_source() -> DatasetSource:
     return make_fixture_source()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained, very small tiny-VLM checkpoint folder (model + processor)."""
+    import agents.vlm.tiny as tiny
+
+    path = tmp_path_factory.mktemp("tiny")
+    processor = tiny.build_tiny_processor()
+    model = tiny.build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=2, vision_num_layers=1)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,18 +19,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    import agents.vlm.tiny as tiny
-
-    path = tmp_path_factory.mktemp("tiny")
-    processor = tiny.build_tiny_processor()
-    tiny.build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                          num_attention_heads=2, vision_num_layers=1).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def test_two_processes_match_one(tiny_checkpoint, tmp_path):

@@ -44,19 +44,6 @@ def test_config_rejects_bad_settings():
         GRPOConfig(temperature=0)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    import agents.vlm.tiny as tiny
-
-    path = tmp_path_factory.mktemp("tiny")
-    processor = tiny.build_tiny_processor()
-    model = tiny.build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                  num_attention_heads=2, vision_num_layers=1)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def _config(model: Path, out: Path, **overrides) -> GRPOConfig:
     base = dict(model=str(model), out=str(out), steps=4, queries_per_step=2, group_size=2, max_new_tokens=6,
                 max_turns=2, eval_queries=2, eval_every=2, save_every=2, lr=1e-2, threads=1, progress=False,
