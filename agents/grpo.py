@@ -39,7 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from agents import distributed
-from agents.advantages import clipped_policy_loss, group_advantages, kl_penalty, zero_variance_mask
+from agents.advantages import (ReplayBuffer, clipped_policy_loss, group_advantages, kl_penalty,
+                               selective_sample_replay, zero_variance_mask)
 from agents.checkpoint import (CheckpointState, capture_rng_states, latest_checkpoint, load_checkpoint,
                                save_checkpoint)
 from agents.logger import MetricLogger
@@ -87,6 +88,11 @@ class GRPOConfig:
     """Divide advantages by the group's std (the paper: no)."""
     filter_zero_variance: bool = True
     """Drop groups whose shaped rewards are all equal (they carry no gradient)."""
+    replay_batch: int = 0
+    """Selective sample replay: train on this many rollouts per step, kept in proportion to
+    |advantage| and refilled from a buffer of earlier non-zero-advantage rollouts (0: off)."""
+    replay_capacity: int = 1024
+    """Rollouts the replay buffer holds."""
     temperature: float = 1.0
     top_p: float = 0.95
     top_k: int = 40
@@ -137,6 +143,8 @@ class GRPOConfig:
             raise ValueError("GRPO samples: temperature must be > 0")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("need lr > 0, 0 <= warmup_ratio < 1 and 0 <= min_lr_ratio <= 1")
+        if self.replay_batch < 0 or self.replay_capacity < 1:
+            raise ValueError("need replay_batch >= 0 (0: off) and replay_capacity >= 1")
 
 
 def shape_rewards(trajectories: Sequence[Trajectory], config: GRPOConfig) -> dict[str, np.ndarray]:
@@ -222,6 +230,8 @@ class GRPOTrainer:
         episodes = config.queries_per_step * config.group_size
         self.envs = [self._make_env() for _ in range(max(1, math.ceil(episodes / self.world)))]
         self.query_rng = np.random.default_rng([config.seed, 1])
+        self.replay_rng = np.random.default_rng([config.seed, 4])
+        self.replay: ReplayBuffer = ReplayBuffer(config.replay_capacity)
         self.eval_ids = self._draw_queries(np.random.default_rng([config.eval_seed, 2]), config.eval_queries)
         self.start_step = 0
         self.resumed: CheckpointState | None = None
@@ -230,8 +240,13 @@ class GRPOTrainer:
             path = latest_checkpoint(self.out / "checkpoints")
             if path is not None:
                 self.resumed = load_checkpoint(path, self.trained, self.optimizer, self.scheduler,
-                                               generators={"queries": self.query_rng})
+                                               generators=self._generators())
                 self.start_step = self.resumed.step
+
+    def _generators(self) -> dict[str, np.random.Generator]:
+        """The run's own random streams, saved and restored with checkpoints. (A resumed run
+        starts with an empty replay buffer, so only runs without replay resume bit-exactly.)"""
+        return {"queries": self.query_rng, "replay": self.replay_rng}
 
     def _trained_module(self) -> torch.nn.Module:
         """What the optimizer updates, gradients are averaged over and checkpoints hold: the policy model."""
@@ -284,16 +299,33 @@ class GRPOTrainer:
         advantages = group_advantages(rewards, normalize_std=config.normalize_std)
         keep = (~zero_variance_mask(rewards) if config.filter_zero_variance
                 else torch.ones(len(shaped), dtype=torch.bool))
-        items, item_adv = [], []
-        for g, (members, kept) in enumerate(zip(groups.values(), keep.tolist())):
-            if kept:
-                for m, t in enumerate(members):
-                    items.append(trajectory_item(self.processor, t))
-                    item_adv.append(float(advantages[g, m]))
+        if config.replay_batch:
+            chosen = selective_sample_replay([[trajectory_item(self.processor, t) for t in g] for g in groups.values()],
+                                             advantages, config.replay_batch, self.replay, self.replay_rng)
+            items, item_adv = [c.item for c in chosen], [c.advantage for c in chosen]
+            self._refresh_old_logprobs(items)
+        else:
+            items, item_adv = [], []
+            for g, (members, kept) in enumerate(zip(groups.values(), keep.tolist())):
+                if kept:
+                    for m, t in enumerate(members):
+                        items.append(trajectory_item(self.processor, t))
+                        item_adv.append(float(advantages[g, m]))
         all_shaped = distributed.gather_objects(shaped)
         stats = {f"reward/{name}": float(np.mean([s[key] for s in all_shaped])) for name, key in REWARD_KEYS}
         stats["train/kept_groups"] = distributed.all_reduce_sum(float(keep.sum())) / len(all_shaped)
         return items, torch.tensor(item_adv), stats
+
+    @torch.no_grad()
+    def _refresh_old_logprobs(self, items: list[dict[str, torch.Tensor]]) -> None:
+        """Score `items` under the policy that starts the update (replayed rollouts were sampled
+        from older ones; the ratio must compare with the current policy)."""
+        self.model.eval()
+        for start in range(0, len(items), self.config.micro_batch_size):
+            chunk = items[start:start + self.config.micro_batch_size]
+            logp = token_logprobs(self.model, pad_items(self.processor, chunk), self.config.temperature, self.suppressed)
+            for item, row in zip(chunk, logp):
+                item["old_logprobs"] = row[: len(item["input_ids"])].float().cpu()
 
     def update(self, items: list[dict[str, torch.Tensor]], advantages: torch.Tensor) -> dict[str, float]:
         """`updates_per_step` clipped-ratio updates over `items` (each with ``old_logprobs``).
@@ -393,7 +425,7 @@ class GRPOTrainer:
             out_of_time = config.max_minutes and (time.time() - started) / 60 >= config.max_minutes
             if main and ((step + 1) % config.save_every == 0 or step + 1 == config.steps or out_of_time):
                 save_checkpoint(self.out / "checkpoints", self.trained, self.optimizer, self.scheduler, step + 1,
-                                capture_rng_states({"queries": self.query_rng}), self.checkpoint_extra(),
+                                capture_rng_states(self._generators()), self.checkpoint_extra(),
                                 keep_last=config.keep_checkpoints)
             if out_of_time:
                 step += 1

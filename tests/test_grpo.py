@@ -95,3 +95,17 @@ def test_training_logs_checkpoints_and_resumes_exactly(tiny_checkpoint, tmp_path
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
+
+
+def test_selective_sample_replay_refills_the_batch_from_earlier_rollouts(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "shape_rewards", _varied_rewards)
+    trainer = GRPOTrainer(_config(tiny_checkpoint, tmp_path, replay_batch=6, filter_zero_variance=True))
+    first, adv_first, _ = trainer.batch(trainer.rollouts(step=0))
+    assert len(first) == 4 and len(trainer.replay) == 4  # all fresh rollouts kept, then stored
+    second, adv_second, _ = trainer.batch(trainer.rollouts(step=1))
+    assert len(second) == 6 and len(adv_second) == 6  # 4 fresh + 2 replayed
+    for item in second:  # old log-probs are the current policy's, aligned with the tokens
+        assert item["old_logprobs"].shape == item["input_ids"].shape
+    stats = trainer.update(second, adv_second)
+    assert np.isfinite(stats["loss/policy"])
+    assert stats["loss/clip_fraction"] == 0.0  # fresh ratios are exactly 1 before the first update step
