@@ -60,7 +60,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from agents.vlm.chat import IM_END, Conversation, render_messages
+from agents.vlm.chat import IM_END, ChatFormat, Conversation, render_messages
 from pxr_env import ops
 from pxr_env.actions import format_answer, format_tool_call
 from pxr_env.env import PixelQAEnv
@@ -137,6 +137,9 @@ class TraceOptions:
     """Arguments of the `PixelQAEnv` the traces are played in (e.g. ``pixel_bounds``)."""
     max_draws: int = 200
     """Samples a trace may set aside before synthesis gives up with an error."""
+    chat_format: ChatFormat = field(default_factory=ChatFormat)
+    """Layout of the played conversations (system prompt, question before the image); the
+    policy trained on the traces must use the same one."""
 
     def __post_init__(self) -> None:
         if self.box_decimals not in (2, 3):
@@ -610,7 +613,7 @@ def _play(env: PixelQAEnv, sample: Sample, kind: str, options: TraceOptions,
     obs, info = env.reset(options={"sample_id": sample.sample_id})
     num_frames = int(info["num_frames"])
     steps, record = _script(kind, sample, num_frames, options, rng)
-    conversation = Conversation()
+    conversation = options.chat_format.conversation()
     conversation.add_observation(obs)
     terminated = truncated = False
     for i, step in enumerate(steps):

@@ -17,12 +17,17 @@ then the question); after an operation the text comes first ("Here is the croppe
 image ..."), then the image(s); an error observation is text only.
 
 The system prompt is the standard Qwen2.5 / Hermes tool prompt: the released model
-called tools only under exactly this layout.
+called tools only under exactly this layout. A from-scratch model may use another
+`ChatFormat` (a short system prompt, the question before the image): its checkpoint
+carries the format (`save_chat_format`), and `load_chat_format` gives it back, or the
+standard format for checkpoints without one.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -64,6 +69,44 @@ INSTRUCTION = (
 """The task instruction that opens the system prompt, before the tool block."""
 
 Message = dict[str, Any]
+
+CHAT_FORMAT_FILE = "chat_format.json"
+"""File of a checkpoint folder that holds its `ChatFormat` (absent: the standard format)."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a policy's conversations are laid out; the standard one is Qwen2.5-VL's."""
+
+    system: str | None = None
+    """System prompt text; None is the standard tool prompt (`system_prompt()`)."""
+    question_first: bool = False
+    """Put the question text before the image(s) in the first user message (a causal model
+    can then condition its image tokens on the question)."""
+
+    def conversation(self) -> "Conversation":
+        """A new `Conversation` in this format."""
+        return Conversation(system=self.system, question_first=self.question_first)
+
+
+def save_chat_format(chat_format: ChatFormat, directory: str | Path) -> Path:
+    """Write `chat_format` into a checkpoint folder (next to the processor files)."""
+    path = Path(directory) / CHAT_FORMAT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(chat_format), indent=2) + "\n")
+    return path
+
+
+def load_chat_format(directory: str | Path) -> ChatFormat:
+    """The `ChatFormat` saved in a checkpoint folder, or the standard one when it has none."""
+    path = Path(directory) / CHAT_FORMAT_FILE
+    if not path.is_file():
+        return ChatFormat()
+    data = json.loads(path.read_text())
+    unknown = sorted(set(data) - {"system", "question_first"})
+    if unknown:
+        raise ValueError(f"{path} has unknown keys {unknown}; expected 'system' and 'question_first'")
+    return ChatFormat(**data)
 
 
 def system_prompt(tools: Sequence[Mapping[str, Any]] = TOOL_SCHEMAS, instruction: str = INSTRUCTION) -> str:
@@ -155,7 +198,8 @@ class Conversation:
     removed before decoding.
     """
 
-    def __init__(self, system: str | None = None) -> None:
+    def __init__(self, system: str | None = None, question_first: bool = False) -> None:
+        self.question_first = question_first
         self.messages: list[Message] = [
             {"role": "system", "content": [{"type": "text", "text": system_prompt() if system is None else system}]}
         ]
@@ -170,8 +214,9 @@ class Conversation:
     def add_observation(self, obs: Mapping[str, Any]) -> str:
         """Append an observation as a user message; return its text as a continuation.
 
-        The first observation (reset) puts its images before its text and returns the
-        whole prompt (system and user message and the generation prompt); later ones put
+        The first observation (reset) puts its images before its text (after it with
+        ``question_first``) and returns the whole prompt (system and user message and the
+        generation prompt); later ones put
         the text first and return ``[<|im_end|>]\n<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n``.
         """
         text, images = _check_observation(obs)
@@ -180,7 +225,7 @@ class Conversation:
             raise ValueError("add_assistant(turn) must come between two observations")
         image_items: list[dict[str, Any]] = [{"type": "image"} for _ in images]
         text_items = [{"type": "text", "text": text}] if text else []
-        content = image_items + text_items if first else text_items + image_items
+        content = image_items + text_items if first and not self.question_first else text_items + image_items
         if not content:
             raise ValueError("an observation needs text or images")
         message = {"role": "user", "content": content}

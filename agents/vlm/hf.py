@@ -51,7 +51,7 @@ import torch
 
 from agents.base import EpisodeContext, Generation
 from agents.vlm import encoding
-from agents.vlm.chat import IM_END, Conversation
+from agents.vlm.chat import IM_END, ChatFormat, Conversation, load_chat_format
 
 TOOL_CALL_END = "</tool_call>"
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -206,13 +206,13 @@ class ChatPolicy:
 
     def __init__(self, processor: Any, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (TOOL_CALL_END,), system: str | None = None,
-                 seed: int = 0) -> None:
+                 question_first: bool = False, seed: int = 0) -> None:
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
             raise ValueError("need temperature >= 0 (0 is greedy), 0 < top_p <= 1, top_k >= 0 (0 is off), "
                              "max_new_tokens >= 1")
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.temperature, self.top_p, self.top_k, self.max_new_tokens = temperature, top_p, top_k, max_new_tokens
-        self.system = system
+        self.system, self.question_first = system, question_first
         end_of_turn = self.tokenizer.convert_tokens_to_ids(IM_END)
         if end_of_turn is None or end_of_turn == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IM_END} token: the chat layer needs the Qwen2 chat markup")
@@ -236,7 +236,7 @@ class ChatPolicy:
         return int(torch.randint(0, 2**62, (1,), generator=self._generator))
 
     def reset(self, context: EpisodeContext) -> None:
-        context.state["vlm"] = self.state_class(Conversation(system=self.system))
+        context.state["vlm"] = self.state_class(Conversation(system=self.system, question_first=self.question_first))
 
     def act(self, observations: Sequence[Any], contexts: Sequence[EpisodeContext]) -> list[Generation]:
         """One turn for every episode: extend each conversation, generate, return `Generation`s."""
@@ -309,7 +309,9 @@ class TransformersPolicy(ChatPolicy):
         """Load ``AutoModelForImageTextToText`` and ``AutoProcessor`` from `name_or_path`.
 
         `options` are the constructor's sampling and batching options. The tiny model of
-        `agents.vlm.tiny` is registered first, so its checkpoints load like any other.
+        `agents.vlm.tiny` is registered first, so its checkpoints load like any other. A
+        folder's saved `ChatFormat` (`agents.vlm.chat.load_chat_format`) gives the default
+        ``system`` and ``question_first``; checkpoints without one keep the standard format.
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -320,6 +322,8 @@ class TransformersPolicy(ChatPolicy):
         model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(device)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        chat_format = load_chat_format(name_or_path) if Path(name_or_path).is_dir() else ChatFormat()
+        options = {"system": chat_format.system, "question_first": chat_format.question_first, **options}
         return cls(model, processor, **options)
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -1,0 +1,586 @@
+"""Warm start (SFT) of a VLM policy on synthesized traces, with closed-loop evaluation in the env.
+
+`train_sft(config)` trains with the masked next-token loss of `agents.vlm.encoding.collate`
+(tool outputs and deliberate mistakes carry ``-100`` labels), AdamW and a cosine schedule
+with warmup, and every `SFTConfig.eval_every` steps plays held-out samples through the
+real environment with the model being trained (`TransformersPolicy`, greedy): its own
+crops are executed, the crops fed back, the answer scored. Metrics go to `MetricLogger`
+(``train/loss``, ``train/lr``, ``train/tokens_per_s``, ``eval/accuracy``, ``eval/rapr``,
+``eval/crop_hit``, ... and ``eval/<family>/...``).
+
+**Curriculum.** `SFTConfig.stages` is a list of `SFTStage`: each names its task families
+with their difficulty knobs and its trace counts and mix; a stage ends after its
+``steps`` or ``minutes`` (of training time), the last one runs to the end. Each stage's
+traces are synthesized when the stage starts and encoded once (images kept as uint8
+patches, 4x smaller than float).
+
+**Resume.** A checkpoint (`agents.checkpoint.save_checkpoint`) every `SFTConfig.checkpoint_every`
+steps holds the model, optimizer, schedule, RNG states and the training clock; the
+batch of step ``s`` is a pure function of ``(seed, stage, s)``, so ``resume=True`` continues
+a killed run with no lost or repeated step and the same weights as an uninterrupted run.
+
+**Output.** The final model, processor and `ChatFormat` are written with ``save_pretrained``
+to ``out/final`` (or `SFTConfig.export_dir`), loadable with
+``TransformersPolicy.from_pretrained``.
+
+Run::
+
+    python -m agents.sft --preset warmstart --out runs/warmstart --export checkpoints/tiny-warmstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import pxr_env  # noqa: F401  (registers PixelQA-v0)
+from agents.checkpoint import capture_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
+from agents.logger import MetricLogger
+from agents.metrics import summarize, summarize_by
+from agents.rollout import collect
+from agents.schedules import cosine_schedule
+from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from agents.vlm.chat import ChatFormat, save_chat_format
+from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
+from agents.vlm.hf import TransformersPolicy
+from agents.vlm.tiny import BoxVocab, build_tiny_model, build_tiny_processor
+from pxr_env.tasks import MixtureSource, TaskSource
+from pxr_env.tasks.synthetic import FAMILIES
+
+TINY_SYSTEM = ("Answer the question about the image or video. When a detail is too small, look closer "
+               "with a <tool_call>. Put the final answer in \\boxed{}.")
+"""Short system prompt of the tiny model (the standard tool prompt is ~410 tokens of a ~600-token trace)."""
+
+TaskSpec = Mapping[str, Mapping[str, Any]]
+"""Family name -> constructor knobs, with an optional ``"weight"`` entry (default 1)."""
+
+_BOXES = BoxVocab()
+
+
+def snap_to_box_tokens(box: Sequence[float]) -> tuple[float, ...]:
+    """The tiny model's box writer: the box token that best overlaps `box` (picklable)."""
+    return _BOXES.boxes[_BOXES.snap(box)]
+
+
+def task_source(spec: TaskSpec) -> TaskSource:
+    """A task source from a `TaskSpec` (one family, or a weighted mixture)."""
+    if not spec:
+        raise ValueError("a task spec needs at least one family, e.g. {'zoom-read': {}}")
+    sources, weights = [], []
+    for name, knobs in spec.items():
+        if name not in FAMILIES:
+            raise ValueError(f"unknown family {name!r}; families: {sorted(FAMILIES)}")
+        knobs = dict(knobs)
+        weights.append(float(knobs.pop("weight", 1.0)))
+        sources.append(FAMILIES[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}))
+    return sources[0] if len(sources) == 1 else MixtureSource(sources, weights)
+
+
+@dataclass
+class SFTStage:
+    """One curriculum stage: which tasks, how many traces of which kinds, how long."""
+
+    tasks: dict[str, dict[str, Any]] = field(default_factory=lambda: {"zoom-read": {}})
+    """Families and their knobs (`TaskSpec`), e.g. ``{"zoom-read": {"shortcut_share": 0.0}}``."""
+    n_pixel: int = 1000
+    """Pixel-space traces synthesized for the stage."""
+    n_text: int = 0
+    """Textual traces (answer at once; on shortcut items only)."""
+    image_mix: dict[str, float] = field(default_factory=lambda: dict(TraceMix().image))
+    """Shares of the image trace kinds (`agents.traces.TraceMix.image`)."""
+    video_mix: dict[str, float] = field(default_factory=lambda: dict(TraceMix().video))
+    """Shares of the video trace kinds."""
+    steps: int | None = None
+    """Optimizer steps after which the stage ends (None: no step limit)."""
+    minutes: float | None = None
+    """Training minutes after which the stage ends (None: no time limit)."""
+
+    def __post_init__(self) -> None:
+        task_source(self.tasks)
+        if self.n_pixel < 0 or self.n_text < 0 or self.n_pixel + self.n_text == 0:
+            raise ValueError(f"a stage needs n_pixel, n_text >= 0 and some traces, got {self.n_pixel}, {self.n_text}")
+        TraceMix(image=self.image_mix, video=self.video_mix)
+        if self.steps is not None and self.steps < 1 or self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"stage steps must be >= 1 and minutes > 0 when set, got {self.steps}, {self.minutes}")
+
+
+@dataclass
+class SFTConfig:
+    """Warm-start training of the tiny VLM (or a saved checkpoint) on synthesized traces."""
+
+    out: str = "runs/warmstart"
+    """Run directory: metrics, TensorBoard, checkpoints, the final model."""
+    stages: list[SFTStage] = field(default_factory=lambda: [SFTStage()])
+    """Curriculum stages, in order (the last one runs until the end of training)."""
+    init_from: str | None = None
+    """A saved model folder to start from; None builds a fresh tiny model."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """`TinyVLMConfig` overrides of a fresh tiny model (``hidden_size``, ``vision_num_layers``, ...)."""
+    system: str | None = TINY_SYSTEM
+    """System prompt of the chat format (None: the standard tool prompt)."""
+    question_first: bool = True
+    """Question before the image in the first user message."""
+    max_steps: int = 1000
+    """Optimizer steps of the schedule (training stops earlier at `max_minutes`)."""
+    max_minutes: float | None = None
+    """Training-time budget in minutes (evaluation excluded); None: no limit."""
+    batch_size: int = 8
+    """Traces per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Share of `max_steps` of linear warmup."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a share of `lr`."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    freeze_vision: bool = False
+    """Keep the vision tower fixed (the paper's recipe for a pretrained model)."""
+    pointer_weight: float = 1.0
+    """Loss weight of box-token targets (one pointing decision among ~100 trained tokens of a trace)."""
+    pointer_smoothing: float = 0.0
+    """Share of a box token's target mass spread evenly over the same-size boxes of the 8 neighbouring cells."""
+    eval_every: int = 200
+    """Steps between closed-loop evaluations (0: only at the end)."""
+    eval_tasks: dict[str, dict[str, Any]] = field(default_factory=lambda: {"zoom-read": {}})
+    """Families and knobs of the held-out evaluation."""
+    eval_samples: int = 64
+    """Held-out samples per evaluated family."""
+    eval_seed: int = 10_000_000
+    """First sample seed of the held-out set (seeds used by training traces are skipped)."""
+    eval_batch_size: int = 16
+    """Episodes generated together at evaluation."""
+    max_new_tokens: int = 96
+    """Token limit of one generated turn at evaluation."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0: none)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in ``out/checkpoints``."""
+    save_at_steps: list[int] = field(default_factory=list)
+    """Steps at which a loadable model folder ``out/model-step{N}`` is also written (e.g. a weaker warm start)."""
+    export_dir: str | None = None
+    """Where the final model is saved with ``save_pretrained`` (None: ``out/final``)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in ``out/checkpoints``."""
+    seed: int = 0
+    """Seed of the initialisation, the traces and the batch order."""
+    trace_workers: int = 1
+    """Processes that synthesize traces."""
+    log_every: int = 10
+    """Steps between training-metric records."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+
+    def __post_init__(self) -> None:
+        self.stages = [s if isinstance(s, SFTStage) else SFTStage(**s) for s in self.stages]
+        if not self.stages:
+            raise ValueError("stages needs at least one SFTStage")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "max_new_tokens",
+                     "keep_checkpoints", "trace_workers", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if self.pointer_weight <= 0:
+            raise ValueError(f"pointer_weight must be > 0, got {self.pointer_weight}")
+        if not 0.0 <= self.pointer_smoothing < 1.0:
+            raise ValueError(f"pointer_smoothing must be in [0, 1), got {self.pointer_smoothing}")
+        if self.lr <= 0 or self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError("lr must be > 0 and max_minutes > 0 when set")
+        if self.init_from is not None and self.model:
+            raise ValueError("model overrides apply to a fresh model only; drop them or init_from")
+        task_source(self.eval_tasks)
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        return ChatFormat(system=self.system, question_first=self.question_first)
+
+
+# ------------------------------------------------------------------ data
+
+def _compact(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep ``pixel_values`` as uint8 (the tiny processor normalises uint8 pixels to ``x / 127.5 - 1``)."""
+    if "pixel_values" in item:
+        item = dict(item, pixel_values=((item["pixel_values"] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    return item
+
+
+def _expand(item: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    item = dict(item)
+    if "pixel_values" in item and item["pixel_values"].dtype == torch.uint8:
+        item["pixel_values"] = item["pixel_values"].float() / 127.5 - 1.0
+    return item
+
+
+def stage_items(config: SFTConfig, stage_index: int, processor: Any) -> tuple[list[dict[str, torch.Tensor]], set[str]]:
+    """Synthesize and encode the traces of one stage; also return the sample ids they use."""
+    stage = config.stages[stage_index]
+    options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=config.chat_format)
+    traces = synthesize_traces(task_source(stage.tasks), stage.n_pixel, stage.n_text,
+                               mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
+                               seed=config.seed * 1000 + stage_index, options=options,
+                               workers=config.trace_workers, progress=config.progress)
+    items = [_compact(encode_segments(processor, t.segments(), t.images))
+             for t in tqdm(traces, desc=f"encode stage {stage_index}", disable=not config.progress)]
+    return items, {t.sample_id for t in traces}
+
+
+def batch_indices(n_items: int, batch_size: int, seed: int, stage_index: int, step_in_stage: int) -> list[int]:
+    """The items of one micro-batch: consecutive slices of seeded per-epoch permutations (stateless, for resume)."""
+    start = step_in_stage * batch_size
+    out = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, n_items)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + stage_index * 10_007 + epoch)
+        out.append(int(torch.randperm(n_items, generator=generator)[offset]))
+    return out
+
+
+# ------------------------------------------------------------------ loss
+
+def neighbour_boxes(vocab: BoxVocab) -> torch.Tensor:
+    """``(num_boxes, 8)`` box indices of the same size at the 8 neighbouring cells (-1 outside the grid)."""
+    table = torch.full((len(vocab), 8), -1, dtype=torch.long)
+    offsets = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+    for index in range(len(vocab)):
+        cell, size = vocab.split(index)
+        row, col = divmod(cell, vocab.grid)
+        for k, (dr, dc) in enumerate(offsets):
+            r, c = row + dr, col + dc
+            if 0 <= r < vocab.grid and 0 <= c < vocab.grid:
+                table[index, k] = vocab.index(r * vocab.grid + c, size)
+    return table
+
+
+def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothing: float = 0.0,
+                 neighbours: torch.Tensor | None = None, pointer_weight: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled tokens of a collated batch, and their count.
+
+    Positions labelled ``-100`` (prompts, tool outputs, deliberate mistakes, padding) add
+    nothing. With `pointer_smoothing` > 0 a box-token target keeps ``1 - s`` of its mass
+    and gives ``s`` evenly to the same-size boxes of its neighbouring cells (`neighbours`);
+    box-token targets weigh `pointer_weight` (the count stays the number of labelled tokens).
+    """
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    logprobs = F.log_softmax(logits[keep], dim=-1)
+    targets = labels[keep]
+    nll = -logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    start = getattr(model.config, "box_token_start_id", None)
+    if pointer_smoothing > 0 and start is not None and neighbours is not None:
+        is_box = targets >= start
+        if bool(is_box.any()):
+            near = neighbours.to(targets.device)[targets[is_box] - start]
+            valid = near >= 0
+            near_lp = logprobs[is_box].gather(-1, (near.clamp(min=0) + start)) * valid
+            smooth = -near_lp.sum(-1) / valid.sum(-1).clamp(min=1)
+            nll = nll.clone()
+            nll[is_box] = (1 - pointer_smoothing) * nll[is_box] + pointer_smoothing * smooth
+    if pointer_weight != 1.0 and start is not None:
+        nll = torch.where(targets >= start, pointer_weight * nll, nll)
+    return nll.sum(), int(keep.sum())
+
+
+# ------------------------------------------------------------------ evaluation
+
+def eval_sample_ids(tasks: TaskSpec, n_per_family: int, first_seed: int, exclude: set[str]) -> list[str]:
+    """Held-out sample ids: `n_per_family` per family from `first_seed` on, skipping `exclude`."""
+    ids = []
+    for family in tasks:
+        seed = first_seed
+        for _ in range(n_per_family):
+            while f"{family}/{seed}" in exclude:
+                seed += 1
+            ids.append(f"{family}/{seed}")
+            seed += 1
+    return ids
+
+
+def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpec, sample_ids: Sequence[str],
+             batch_size: int = 16, max_new_tokens: int = 96, progress: bool = False) -> dict[str, float]:
+    """Closed-loop greedy evaluation: the model plays `sample_ids` in the env; metrics per family and overall.
+
+    Keys: ``accuracy``, ``rapr``, ``mean_ops``, ``op_error_rate``, ``crop_iou``, ``crop_hit``,
+    ``answered``, ``acc_with_ops`` / ``acc_without_ops`` (accuracy of the episodes that did /
+    did not run an operation), each also as ``<family>/<key>``. The model is left in train mode.
+    """
+    was_training = model.training
+    policy = TransformersPolicy(model, processor, temperature=0.0, max_new_tokens=max_new_tokens,
+                                max_batch_size=batch_size, system=chat_format.system,
+                                question_first=chat_format.question_first)
+    source = task_source(tasks)
+    envs = [gym.make("PixelQA-v0", tasks=source) for _ in range(min(batch_size, len(sample_ids)))]
+    try:
+        trajectories = collect(policy, envs, samples=list(sample_ids), group_size=1, seed=0, progress=progress)
+    finally:
+        for env in envs:
+            env.close()
+        model.train(was_training)
+    infos = [t.info for t in trajectories]
+    out: dict[str, float] = {}
+    for name, rows in [("", infos)] + [(f"{fam}/", [i for i in infos if i["family"] == fam])
+                                       for fam in summarize_by(infos) if fam != "all"]:
+        metrics = summarize(rows).as_dict()
+        metrics["crop_hit"] = metrics.pop("crop_hit_rate")
+        metrics.pop("episodes")
+        with_ops = [float(i["score"]) for i in rows if int(i["n_visual_ops"]) > 0]
+        without = [float(i["score"]) for i in rows if int(i["n_visual_ops"]) == 0]
+        metrics["acc_with_ops"] = sum(with_ops) / len(with_ops) if with_ops else None
+        metrics["acc_without_ops"] = sum(without) / len(without) if without else None
+        out.update({f"{name}{k}": v for k, v in metrics.items() if v is not None})
+    return out
+
+
+def answer_only_bound(tasks: TaskSpec, sample_ids: Sequence[str]) -> dict[str, float]:
+    """Mean score of the template reader without operations (an upper bound for answering from
+    the initial view) and of chance, per family, on `sample_ids` (docs/tasks.md)."""
+    from pxr_env.scoring import score_answer
+    from pxr_env.tasks.synthetic import chance_score, reader_answer
+
+    source = task_source(tasks)
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for sample_id in sample_ids:
+        sample = source.get(sample_id)
+        answer = reader_answer(sample, with_ops=False)
+        score = score_answer(answer, sample.answers, sample.answer_type, sample.choices)
+        rows.setdefault(sample.family, []).append((score, chance_score(sample)))
+    out = {}
+    for family, values in rows.items():
+        out[f"{family}/answer_only_bound"] = float(np.mean([v[0] for v in values]))
+        out[f"{family}/chance"] = float(np.mean([v[1] for v in values]))
+    return out
+
+
+# ------------------------------------------------------------------ training
+
+def _build(config: SFTConfig) -> tuple[Any, Any]:
+    if config.init_from is not None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import agents.vlm.tiny  # noqa: F401  (registers the tiny model)
+
+        return (AutoModelForImageTextToText.from_pretrained(config.init_from),
+                AutoProcessor.from_pretrained(config.init_from))
+    processor = build_tiny_processor()
+    return build_tiny_model(processor, seed=config.seed, **config.model), processor
+
+
+def save_model(model: Any, processor: Any, chat_format: ChatFormat, directory: str | Path) -> Path:
+    """Save model (safetensors), processor and chat format so `TransformersPolicy.from_pretrained` loads them."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    save_chat_format(chat_format, directory)
+    return directory
+
+
+def _stage_at(config: SFTConfig, step: int, minutes: float, starts: list[int]) -> int:
+    """Index of the stage that step `step` belongs to, given the steps at which stages began."""
+    index = len(starts) - 1
+    stage = config.stages[index]
+    if index + 1 < len(config.stages) and (
+            stage.steps is not None and step - starts[index] >= stage.steps
+            or stage.minutes is not None and minutes >= sum(s.minutes or 0 for s in config.stages[:index + 1])):
+        starts.append(step)
+        index += 1
+    return index
+
+
+def train_sft(config: SFTConfig, stop_after: int | None = None,
+              on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Run the warm start described by `config`; returns the last evaluation and the step reached.
+
+    `stop_after` ends the run after that many steps as if killed (tests of resume); `on_eval`
+    is called with each evaluation's metrics.
+    """
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    model, processor = _build(config)
+    if config.freeze_vision:
+        model.model.vision.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(optimizer, round(config.warmup_ratio * config.max_steps), config.max_steps,
+                                config.min_lr_ratio)
+    step, minutes, starts = 0, 0.0, [0]
+    latest = latest_checkpoint(checkpoints) if config.resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer, scheduler)
+        step, minutes, starts = state.step, float(state.extra["minutes"]), list(state.extra["stage_starts"])
+    logger = MetricLogger(out, resume_step=step + 1 if config.resume else None)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+    neighbours = neighbour_boxes(BoxVocab(model.config.pointer_grid, tuple(model.config.box_sizes))) \
+        if config.pointer_smoothing > 0 and hasattr(model.config, "pointer_grid") else None
+    pad_id = processor.tokenizer.pad_token_id
+    stage_cache: dict[int, list[dict[str, torch.Tensor]]] = {}
+    train_ids: set[str] = set()
+
+    def items_of(index: int) -> list[dict[str, torch.Tensor]]:
+        if index not in stage_cache:
+            stage_cache[index], used = stage_items(config, index, processor)
+            train_ids.update(used)
+        return stage_cache[index]
+
+    for index in range(len(starts)):  # the stages already reached, so held-out ids avoid them
+        items_of(index)
+    results: dict[str, Any] = {"step": step, "eval": {}}
+
+    def run_eval() -> None:
+        ids = eval_sample_ids(config.eval_tasks, config.eval_samples, config.eval_seed, train_ids)
+        metrics = evaluate(model, processor, config.chat_format, config.eval_tasks, ids, config.eval_batch_size,
+                           config.max_new_tokens, progress=False)
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()} | {"train/minutes": minutes})
+        results["eval"] = metrics
+        if on_eval is not None:
+            on_eval(step, metrics)
+
+    model.train()
+    bar = tqdm(total=config.max_steps, initial=step, desc="sft", unit="step", disable=not config.progress)
+    window_loss, window_tokens, window_seen, window_time = 0.0, 0, 0, 0.0
+    while step < config.max_steps and (config.max_minutes is None or minutes < config.max_minutes):
+        if stop_after is not None and step >= stop_after:
+            break
+        index = _stage_at(config, step, minutes, starts)
+        items = items_of(index)
+        tick = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        micro = [[_expand(items[i]) for i in batch_indices(len(items), config.batch_size, config.seed, index,
+                                                           (step - starts[index]) * config.grad_accum + k)]
+                 for k in range(config.grad_accum)]
+        batches = [collate(m, pad_id) for m in micro]
+        n_tokens = sum(int((b["labels"] != IGNORE_INDEX)[:, 1:].sum()) for b in batches)
+        total = 0.0
+        for batch in batches:
+            loss_sum, _ = sft_loss_sum(model, batch, config.pointer_smoothing, neighbours, config.pointer_weight)
+            (loss_sum / max(n_tokens, 1)).backward()
+            total += loss_sum.item()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        elapsed = time.perf_counter() - tick
+        minutes += elapsed / 60
+        window_loss, window_tokens = window_loss + total, window_tokens + n_tokens
+        window_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+        window_time += elapsed
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.max_steps:
+            loss = window_loss / max(window_tokens, 1)
+            logger.log(step, {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+                              "train/tokens_per_s": window_seen / max(window_time, 1e-9), "train/stage": index,
+                              "train/minutes": minutes})
+            bar.set_postfix(loss=f"{loss:.3f}", stage=index, min=f"{minutes:.1f}")
+            window_loss, window_tokens, window_seen, window_time = 0.0, 0, 0, 0.0
+        if step in config.save_at_steps:
+            save_model(model, processor, config.chat_format, out / f"model-step{step}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            save_checkpoint(checkpoints, model, optimizer, scheduler, step, capture_rng_states(),
+                            extra={"minutes": minutes, "stage_starts": starts}, keep_last=config.keep_checkpoints)
+        if config.eval_every and step % config.eval_every == 0:
+            run_eval()
+    bar.close()
+    results["step"] = step
+    finished = stop_after is None or step < stop_after
+    if finished:
+        if not (config.eval_every and step % config.eval_every == 0):
+            run_eval()
+        save_model(model, processor, config.chat_format, config.export_dir or out / "final")
+    logger.close()
+    results["minutes"] = minutes
+    return results
+
+
+# ------------------------------------------------------------------ presets and CLI
+
+ZOOM_EASY = {"zoom-read": {"shortcut_share": 0.0, "hard_share": 0.0, "questions": ["read", "read-choice"],
+                           "distractors": [0, 4], "backgrounds": ["plain"]}}
+ZOOM_MID = {"zoom-read": {"shortcut_share": 0.0, "hard_share": 0.3, "questions": ["read", "read-choice"],
+                          "distractors": [5, 15], "backgrounds": ["plain", "noise"]}}
+ZOOM_ALL = {"zoom-read": {"questions": ["read", "read-choice"]}}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "warmstart": dict(
+        model={"hidden_size": 128, "intermediate_size": 384, "vision_num_layers": 1},
+        stages=[
+            SFTStage(tasks=ZOOM_EASY, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=5.0),
+            SFTStage(tasks=ZOOM_MID, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=5.0),
+            SFTStage(tasks={"zoom-read": {**ZOOM_ALL["zoom-read"], "shortcut_share": 0.2}}, n_pixel=2500, n_text=500,
+                     image_mix={"image/single": 0.7, "image/recrop-once": 0.1, "image/zoom-in": 0.2}),
+        ],
+        max_steps=1250, max_minutes=20.0, batch_size=8, lr=2e-3, warmup_ratio=0.04, pointer_weight=5.0,
+        pointer_smoothing=0.1, eval_every=300, eval_tasks=ZOOM_ALL, eval_samples=100, checkpoint_every=100,
+        save_at_steps=[800],
+    ),
+}
+"""Named configurations (`--preset`); the documented warm start is ``warmstart``."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agents.sft --preset warmstart --out runs/warmstart [--export DIR] [--resume]``."""
+    parser = argparse.ArgumentParser(prog="python -m agents.sft", description="Warm start (SFT) of the tiny VLM.")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="warmstart", help="named configuration")
+    parser.add_argument("--config", help="JSON file of SFTConfig fields, applied over the preset")
+    parser.add_argument("--export", help="folder of the final model (default OUT/final)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    parser.add_argument("--max-minutes", type=float, help="training-time budget")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps of the schedule")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--evaluate", metavar="MODEL_DIR",
+                        help="only evaluate a saved model (closed loop) and the answer-only bound; results to OUT")
+    parser.add_argument("--eval-tasks", help="JSON task spec of --evaluate, e.g. '{\"zoom-read\": {}}'")
+    parser.add_argument("--eval-samples", type=int, default=100, help="held-out samples per family of --evaluate")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.evaluate:
+        from transformers import AutoProcessor
+
+        policy = TransformersPolicy.from_pretrained(args.evaluate)
+        tasks = json.loads(args.eval_tasks) if args.eval_tasks else ZOOM_ALL
+        ids = eval_sample_ids(tasks, args.eval_samples, SFTConfig.eval_seed, set())
+        metrics = evaluate(policy.model, AutoProcessor.from_pretrained(args.evaluate),
+                           ChatFormat(policy.system, policy.question_first), tasks, ids,
+                           progress=not args.no_progress) | answer_only_bound(tasks, ids)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "eval.json").write_text(json.dumps({"model": args.evaluate, "tasks": tasks,
+                                                              "samples": args.eval_samples, **metrics}, indent=2))
+        print(json.dumps(metrics, indent=2))
+        return 0
+    fields = dict(PRESETS[args.preset])
+    if args.config:
+        fields.update(json.loads(Path(args.config).read_text()))
+    config = SFTConfig(**fields)
+    config = replace(config, out=args.out, export_dir=args.export, resume=args.resume, progress=not args.no_progress,
+                     max_minutes=args.max_minutes if args.max_minutes is not None else config.max_minutes,
+                     max_steps=args.max_steps or config.max_steps)
+    results = train_sft(config)
+    print(json.dumps({"step": results["step"], "minutes": round(results["minutes"], 2), "eval": results["eval"]},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Warm-start trainer: the loss learns, masked tokens are inert, resume is exact, evaluation reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agents.logger import read_metrics
+from agents.sft import (
+    SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, neighbour_boxes, sft_loss_sum, snap_to_box_tokens, stage_items,
+    train_sft,
+)
+from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from agents.vlm.chat import ChatFormat, load_chat_format
+from agents.vlm.encoding import collate, encode_segments
+from agents.vlm.hf import TransformersPolicy
+from agents.vlm.tiny import BoxVocab, build_tiny_model, build_tiny_processor
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vision_num_layers": 1,
+         "stem_channels": 8, "pointer_dim": 32}
+SINGLE = {"image/single": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def config(out: Path, **overrides) -> SFTConfig:
+    fields = dict(out=str(out), stages=[SFTStage(tasks=ZOOM_EASY, n_pixel=4, image_mix=SINGLE, steps=3),
+                                        SFTStage(tasks=ZOOM_EASY, n_pixel=4, n_text=0, image_mix=SINGLE)],
+                  model=SMALL, max_steps=6, batch_size=2, lr=3e-3, eval_every=0, eval_samples=1,
+                  max_new_tokens=4, checkpoint_every=2, progress=False, log_every=1)
+    return SFTConfig(**{**fields, **overrides})
+
+
+def test_loss_falls_and_parameters_move(tmp_path: Path) -> None:
+    cfg = config(tmp_path, stages=[SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=12, lr=1e-2,
+                 warmup_ratio=0.0, checkpoint_every=0)
+    fresh = build_tiny_model(build_tiny_processor(), seed=cfg.seed, **SMALL).state_dict()
+    train_sft(cfg)
+    losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert len(losses) == 12
+    assert losses[-1] < 0.7 * losses[0]
+    trained = load_file(str(tmp_path / "final" / "model.safetensors"))
+    moved = [k for k, v in fresh.items() if k in trained and not torch.equal(v, trained[k])]
+    assert "pointer.query.weight" in moved and "model.vision.stem.0.weight" in moved
+    assert load_chat_format(tmp_path / "final") == cfg.chat_format
+    policy = TransformersPolicy.from_pretrained(tmp_path / "final")
+    assert (policy.system, policy.question_first) == (cfg.system, True)
+    prompt = ChatFormat(system="S", question_first=True).conversation().add_observation(
+        {"text": "Q?", "images": (np.zeros((8, 8, 3), np.uint8),)})
+    assert prompt.index("Q?") < prompt.index("<|image_pad|>")
+
+
+def test_masked_tool_output_has_no_effect_on_loss_or_gradient() -> None:
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL)
+    trace = synthesize_traces("zoom-read", 1, 0, mix=TraceMix(image=SINGLE, video_share=0.0), seed=3,
+                              options=TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat()),
+                              progress=False)[0]
+    segments = trace.segments()[:3]  # prompt, the trained crop turn, the tool output (crop) last
+    assert [trained for _, trained in segments] == [False, True, False]
+    item = encode_segments(processor, segments, trace.images[:2])
+    changed = dict(item, input_ids=item["input_ids"].clone())
+    tool = (item["loss_mask"] == 0).nonzero().flatten()
+    tool = tool[tool > int(item["loss_mask"].nonzero().max())]
+    changed["input_ids"][tool[-5:]] = processor.tokenizer.convert_tokens_to_ids("A")
+
+    def loss_and_grad(it: dict) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        loss, n = sft_loss_sum(model, collate([it], processor.tokenizer.pad_token_id))
+        (loss / n).backward()
+        return (loss / n).item(), model.lm_head.weight.grad.clone()
+
+    (a, grad_a), (b, grad_b) = loss_and_grad(item), loss_and_grad(changed)
+    assert a == pytest.approx(b, abs=1e-6) and torch.allclose(grad_a, grad_b, atol=1e-7)
+    # ...while a trained token does count, and the loss is Hugging Face's masked mean.
+    batch = collate([item], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss, n = sft_loss_sum(model, batch)
+        weighted, _ = sft_loss_sum(model, batch, pointer_weight=3.0)
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}).logits[0, :-1]
+    labels = batch["labels"][0, 1:]
+    box = int((labels >= model.config.box_token_start_id).nonzero()[0])
+    box_nll = -torch.log_softmax(logits[box], -1)[labels[box]]
+    assert float(weighted - loss) == pytest.approx(2.0 * float(box_nll), rel=1e-4)
+    reference = model(**{k: v for k, v in batch.items() if k != "loss_mask"}).loss
+    assert float(loss / n) == pytest.approx(float(reference), rel=1e-5)
+    assert n == int(item["loss_mask"].sum()) - (1 if int(item["loss_mask"][0]) else 0)
+
+
+def test_pointer_smoothing_table_and_loss() -> None:
+    vocab = BoxVocab()
+    table = neighbour_boxes(vocab)
+    corner = vocab.index(0, 1)
+    assert sorted(int(i) for i in table[corner] if i >= 0) == sorted(
+        [vocab.index(1, 1), vocab.index(vocab.grid, 1), vocab.index(vocab.grid + 1, 1)])
+    assert int((table[vocab.index(vocab.grid + 1, 2)] >= 0).sum()) == 8
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    whole = train_sft(config(tmp_path / "whole"))
+    killed = train_sft(config(tmp_path / "resumed"), stop_after=5)  # checkpoint at 4, step 5 lost
+    assert killed["step"] == 5 and not (tmp_path / "resumed" / "final").exists()
+    resumed = train_sft(config(tmp_path / "resumed", resume=True))
+    assert whole["step"] == resumed["step"] == 6
+    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_eval_hook_reports_closed_loop_metrics(tmp_path: Path) -> None:
+    seen = []
+    result = train_sft(config(tmp_path, stages=[SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=2,
+                              eval_every=1, eval_samples=2, checkpoint_every=0),
+                       on_eval=lambda step, metrics: seen.append((step, metrics)))
+    assert [s for s, _ in seen] == [1, 2]
+    for key in ("accuracy", "rapr", "answered", "zoom-read/accuracy"):
+        assert 0.0 <= result["eval"][key] <= 1.0
+    logged = [r for r in read_metrics(tmp_path) if "eval/accuracy" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+
+
+def test_batches_are_stateless_epochs_and_held_out_seeds_are_disjoint(tmp_path: Path) -> None:
+    order = [i for s in range(3) for i in batch_indices(6, 2, 0, 0, s)]
+    assert sorted(order) == list(range(6))
+    assert batch_indices(6, 2, 0, 0, 4) == batch_indices(6, 2, 0, 0, 4)
+    cfg = config(tmp_path)
+    _, used = stage_items(cfg, 0, build_tiny_processor())
+    seed = int(next(iter(used)).split("/")[1])
+    ids = eval_sample_ids(cfg.eval_tasks, 3, seed, used)
+    assert len(ids) == 3 and not set(ids) & used
