@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +57,8 @@ def _config(model: Path, out: Path, **overrides) -> GRPOConfig:
     return GRPOConfig(**base)
 
 
-def _varied_rewards(trajectories, config):
-    """Rewards that differ within each group (an untrained model never answers right)."""
-    g = len(trajectories)
-    task = np.array([float(len(t.token_ids) % 3) for t in trajectories]) + np.arange(g) * 0.1
-    zeros = np.zeros(g)
-    return {"reward": task, "reward_task": task, "reward_curiosity": zeros, "reward_penalty": zeros}
+sys.path.insert(0, str(Path(__file__).parent))
+from _grpo_worker import varied_rewards as _varied_rewards  # noqa: E402
 
 
 def test_update_moves_parameters(tiny_checkpoint, tmp_path):
@@ -109,3 +110,38 @@ def test_selective_sample_replay_refills_the_batch_from_earlier_rollouts(tiny_ch
     stats = trainer.update(second, adv_second)
     assert np.isfinite(stats["loss/policy"])
     assert stats["loss/clip_fraction"] == 0.0  # fresh ratios are exactly 1 before the first update step
+
+
+def test_a_killed_run_resumes_with_no_lost_or_repeated_step(tiny_checkpoint, tmp_path):
+    """SIGKILL a training process after its second checkpoint, resume it, compare with a run
+    that was never interrupted."""
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).with_name("_grpo_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def argv(out: Path) -> list[str]:
+        return [sys.executable, str(worker), "--model", str(tiny_checkpoint), "--out", str(out), "--steps", "5",
+                "--queries-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--max-turns", "2",
+                "--eval-queries", "2", "--eval-every", "0", "--save-every", "1", "--keep-checkpoints", "5",
+                "--lr", "1e-2", "--threads", "1", "--no-progress", "--no-filter-zero-variance"]
+
+    subprocess.run(argv(tmp_path / "straight"), env=env, check=True, timeout=300, capture_output=True)
+    victim = subprocess.Popen(argv(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = tmp_path / "killed" / "checkpoints" / "step-0000002" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not second.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert second.exists() and not (tmp_path / "killed" / "final").exists(), "the run was not killed mid-training"
+    subprocess.run(argv(tmp_path / "killed") + ["--resume"], env=env, check=True, timeout=300, capture_output=True)
+
+    final = lambda run: load_file(str(next((tmp_path / run / "final").glob("*.safetensors"))))  # noqa: E731
+    straight, resumed = final("straight"), final("killed")
+    initial = load_file(str(next(tiny_checkpoint.glob("*.safetensors"))))
+    assert any(not torch.equal(straight[k], initial[k]) for k in initial)
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and max(steps) >= 5
