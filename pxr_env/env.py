@@ -104,7 +104,9 @@ class PixelQAEnv(gym.Env):
     "structured". `pixel_bounds`: "tiny" (default, small models on a CPU), "train" or
     "eval" (the released bounds for Qwen2.5-VL) or a `PixelBounds`. `max_ops`,
     `max_images`: the limits. `max_turn_chars`: longer text turns are an error.
-    `zero_reward_on_unfixed_error`: see Rewards. `view_size`, `question_bytes`,
+    `zero_reward_on_unfixed_error`: see Rewards. `crop_padding` (0.1, a fraction of
+    the side added around every crop box) and `min_crop_side` (28 px): the released crop
+    rules; a smaller padding zooms further. `view_size`, `question_bytes`,
     `box_grid`, `max_answer`: structured-mode sizes. `on_media_error`: "raise" (the
     error names the file and sample) or "skip" (draw another sample, up to 10 times).
     """
@@ -115,7 +117,8 @@ class PixelQAEnv(gym.Env):
                  pixel_bounds: str | ops.PixelBounds = "tiny", max_ops: int = 4, max_images: int = 16,
                  max_turn_chars: int = 65_536, zero_reward_on_unfixed_error: bool = False,
                  view_size: int = 224, question_bytes: int = 256, box_grid: int = 20, max_answer: int = 26,
-                 num_frames: int = 16, on_media_error: str = "raise", render_mode: str | None = None) -> None:
+                 num_frames: int = 16, crop_padding: float = ops.CROP_PADDING, min_crop_side: int = ops.MIN_CROP_SIDE,
+                 on_media_error: str = "raise", render_mode: str | None = None) -> None:
         if action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -124,6 +127,9 @@ class PixelQAEnv(gym.Env):
             raise ValueError("need max_ops >= 0, max_images >= 1 and max_turn_chars >= 1")
         if view_size < 36 or question_bytes < 1 or box_grid < 2 or max_answer < 2 or num_frames < 1:
             raise ValueError("need view_size >= 36, question_bytes >= 1, box_grid >= 2, max_answer >= 2, num_frames >= 1")
+        if not 0.0 <= crop_padding < 0.5 or min_crop_side < 0:
+            raise ValueError(f"need 0 <= crop_padding < 0.5 (a fraction of the side) and min_crop_side >= 0, "
+                             f"got {crop_padding}, {min_crop_side}")
         if on_media_error not in ("raise", "skip"):
             raise ValueError(f"on_media_error must be 'raise' or 'skip', got {on_media_error!r}")
         self.task_source = make_task_source(tasks)
@@ -135,6 +141,7 @@ class PixelQAEnv(gym.Env):
         self.zero_reward_on_unfixed_error = zero_reward_on_unfixed_error
         self.view_size, self.question_bytes, self.box_grid = view_size, question_bytes, box_grid
         self.max_answer, self.num_frames, self.on_media_error = max_answer, num_frames, on_media_error
+        self.crop_padding, self.min_crop_side = crop_padding, min_crop_side
         self.render_mode = render_mode
         if action_mode == "text":
             largest = max(b[1] for b in (self.bounds.image, self.bounds.crop, self.bounds.frame, self.bounds.video))
@@ -286,7 +293,8 @@ class PixelQAEnv(gym.Env):
                 if episode.frames is not None:
                     raise ops.OpError("crop_image works only on an image; this question is about a video (use select_frames)")
                 target = arguments["target_image"]
-                crop, view, box = ops.crop_image(episode.sources, episode.shown_sizes, arguments["bbox_2d"], target, self.bounds.crop)
+                crop, view, box = ops.crop_image(episode.sources, episode.shown_sizes, arguments["bbox_2d"], target,
+                                                 self.bounds.crop, self.crop_padding, self.min_crop_side)
                 if episode.images_in_context + 1 > self.max_images:
                     return self._truncate(f"the limit of {self.max_images} images is reached")
                 self._record_crop(int(target), box, arguments["bbox_2d"])

@@ -257,3 +257,17 @@ def test_constructor_misuse_says_how_to_fix():
 def test_step_before_reset_is_a_usage_error(fixture_source):
     with pytest.raises(RuntimeError, match="reset"):
         PixelQAEnv(tasks=fixture_source).step("\\boxed{A}")
+
+
+def test_crop_padding_is_an_argument(fixture_source):
+    sizes = {}
+    for padding in (0.1, 0.02):
+        env = PixelQAEnv(tasks=fixture_source, crop_padding=padding, pixel_bounds="train")
+        env.reset(seed=0, options={"sample_id": "fx/choice"})
+        obs, _, _, _, info = env.step(crop_call([0.6, 0.2, 0.7, 0.3]))
+        assert info["action_error"] is None
+        sizes[padding] = env._episode.sources[-1].shape[:2]
+    for padding, side in ((0.1, 0.3), (0.02, 0.14)):  # the box's 0.1 plus twice the padding, of 600 x 800
+        assert abs(sizes[padding][0] - side * 600) <= 2 and abs(sizes[padding][1] - side * 800) <= 2
+    with pytest.raises(ValueError, match="crop_padding"):
+        PixelQAEnv(tasks=fixture_source, crop_padding=0.7)
