@@ -131,6 +131,8 @@ class SFTConfig:
     """System prompt of the chat format (None: the standard tool prompt)."""
     question_first: bool = True
     """Question before the image in the first user message."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """`PixelQAEnv` arguments of the trace and evaluation envs (e.g. ``{"crop_padding": 0.03}``)."""
     max_steps: int = 1000
     """Optimizer steps of the schedule (training stops earlier at `max_minutes`)."""
     max_minutes: float | None = None
@@ -233,7 +235,8 @@ def _expand(item: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def stage_items(config: SFTConfig, stage_index: int, processor: Any) -> tuple[list[dict[str, torch.Tensor]], set[str]]:
     """Synthesize and encode the traces of one stage; also return the sample ids they use."""
     stage = config.stages[stage_index]
-    options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=config.chat_format)
+    options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=config.chat_format,
+                           env_kwargs=dict(config.env_kwargs))
     traces = synthesize_traces(task_source(stage.tasks), stage.n_pixel, stage.n_text,
                                mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
                                seed=config.seed * 1000 + stage_index, options=options,
@@ -317,7 +320,8 @@ def eval_sample_ids(tasks: TaskSpec, n_per_family: int, first_seed: int, exclude
 
 
 def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpec, sample_ids: Sequence[str],
-             batch_size: int = 16, max_new_tokens: int = 96, progress: bool = False) -> dict[str, float]:
+             batch_size: int = 16, max_new_tokens: int = 96, progress: bool = False,
+             env_kwargs: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Closed-loop greedy evaluation: the model plays `sample_ids` in the env; metrics per family and overall.
 
     Keys: ``accuracy``, ``rapr``, ``mean_ops``, ``op_error_rate``, ``crop_iou``, ``crop_hit``,
@@ -329,7 +333,8 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
                                 max_batch_size=batch_size, system=chat_format.system,
                                 question_first=chat_format.question_first)
     source = task_source(tasks)
-    envs = [gym.make("PixelQA-v0", tasks=source) for _ in range(min(batch_size, len(sample_ids)))]
+    envs = [gym.make("PixelQA-v0", tasks=source, **dict(env_kwargs or {}))
+            for _ in range(min(batch_size, len(sample_ids)))]
     try:
         trajectories = collect(policy, envs, samples=list(sample_ids), group_size=1, seed=0, progress=progress)
     finally:
@@ -449,7 +454,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     def run_eval() -> None:
         ids = eval_sample_ids(config.eval_tasks, config.eval_samples, config.eval_seed, train_ids)
         metrics = evaluate(model, processor, config.chat_format, config.eval_tasks, ids, config.eval_batch_size,
-                           config.max_new_tokens, progress=False)
+                           config.max_new_tokens, progress=False, env_kwargs=config.env_kwargs)
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()} | {"train/minutes": minutes})
         results["eval"] = metrics
         if on_eval is not None:

@@ -145,3 +145,15 @@ def test_a_killed_run_resumes_with_no_lost_or_repeated_step(tiny_checkpoint, tmp
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and max(steps) >= 5
+
+
+def test_the_final_policy_keeps_its_chat_format(tmp_path):
+    """A policy saved by the trainers loads back with the conversation layout it was trained in."""
+    from agents.vlm.hf import TransformersPolicy
+
+    source = Path(__file__).parents[1] / "checkpoints" / "tiny-warmstart"
+    policy = TransformersPolicy.from_pretrained(source)
+    assert (policy.system, policy.question_first) != (None, False)
+    policy.save_pretrained(tmp_path / "saved")
+    again = TransformersPolicy.from_pretrained(tmp_path / "saved")
+    assert (again.system, again.question_first) == (policy.system, policy.question_first)

@@ -51,7 +51,7 @@ import torch
 
 from agents.base import EpisodeContext, Generation
 from agents.vlm import encoding
-from agents.vlm.chat import IM_END, ChatFormat, Conversation, load_chat_format
+from agents.vlm.chat import IM_END, ChatFormat, Conversation, load_chat_format, save_chat_format
 
 TOOL_CALL_END = "</tool_call>"
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -327,9 +327,11 @@ class TransformersPolicy(ChatPolicy):
         return cls(model, processor, **options)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the model (safetensors) and the processor to `path`."""
+        """Write the model (safetensors), the processor and the chat format to `path`, so that
+        `from_pretrained` plays the saved policy with the same conversation layout."""
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
+        save_chat_format(ChatFormat(self.system, self.question_first), path)
 
     state_class = _FeatureState
 
