@@ -1,58 +1,85 @@
-"""The main job on the embedded default: play the synthetic suite with baseline policies.
+"""The main job on the embedded default: the shipped pixel reasoner against the baselines,
+then a short curiosity-GRPO session from the warm start.
 
-Plays a few episodes of each synthetic family with the scripted oracle (look at the
-evidence, then answer) and with a random policy, prints rewards and end-of-episode info,
-and writes a picture of one episode per family to ``outputs/demo/``.
+1. ``pxr eval`` of each policy on fresh seeds of the synthetic suite (zoom-read, count,
+   chart, video): the curiosity-trained and the warm-started tiny models (greedy), the
+   template reader with and without looking closer (what perception allows), random,
+   and answer-only. Each gets a per-family table, ``trajectories.jsonl`` and a browsable
+   ``index.html`` under ``outputs/demo/<policy>/``; a summary table compares them.
+2. A few minutes of GRPO with the curiosity bonus from the warm start, with a progress
+   bar; metrics under ``outputs/demo/grpo/`` (TensorBoard and ``metrics.jsonl``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import time
 from pathlib import Path
 
-import gymnasium as gym
-import numpy as np
-from PIL import Image
+from agents.cli import main as pxr
 
-import pxr_env  # noqa: F401  (registers PixelQA-v0)
-from agents.base import EpisodeContext
-from agents.baselines import OraclePolicy, RandomPolicy
-from pxr_env.tasks import SYNTHETIC_FAMILIES
+MODELS = {"tiny-curious": "checkpoints/tiny-curious", "tiny-warmstart": "checkpoints/tiny-warmstart"}
+BASELINES = ("reader", "reader-no-ops", "random", "answer-only")
+FAMILIES = ("zoom-read", "count", "chart", "video")
 
 
-def play(env: gym.Env, policy, seed: int) -> tuple[float, dict, np.ndarray]:
-    obs, info = env.reset(seed=seed)
-    context = EpisodeContext(slot=0, reset_info=info)
-    done, reward, info = False, 0.0, info
-    while not done:
-        (action,) = policy.act([obs], [context])
-        context.history += [obs, action]
-        obs, reward, terminated, truncated, info = env.step(action)
-        done = terminated or truncated
-    return reward, info, env.render()
+def evaluate(policy: str, path: str, args: argparse.Namespace) -> dict:
+    """Run ``pxr eval`` for one policy; return its metrics.json rows."""
+    out = args.out / policy
+    argv = ["eval", "--policy", path, "--tasks", "synthetic", "--episodes", str(args.episodes),
+            "--seed", str(args.seed), "--out", str(out), "--batch-size", str(args.batch_size)]
+    if policy in MODELS:
+        argv += ["--temperature", "0", "--max-new-tokens", "96", "--max-turns", "3"]
+    print(f"\n== {policy} ==", flush=True)
+    pxr(argv)
+    return json.loads((out / "metrics.json").read_text())["rows"]
+
+
+def summary(results: dict[str, dict]) -> str:
+    """One row per policy: accuracy per family and overall, RaPR, crop hit rate."""
+    head = ["policy", *FAMILIES, "all", "RaPR", "crop hit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for policy, rows in results.items():
+        cells = [f"{rows[f]['accuracy']:.2f}" if f in rows else "–" for f in (*FAMILIES, "all")]
+        hit = rows["all"].get("crop_hit_rate")
+        cells += [f"{rows['all']['rapr']:.2f}", "–" if hit is None else f"{hit:.2f}"]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--episodes", type=int, default=3, help="episodes per family and policy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--episodes", type=int, default=32, help="episodes per policy (default: 32)")
+    parser.add_argument("--seed", type=int, default=20_261_125, help="fresh seeds, unseen in training")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--grpo-steps", type=int, default=8, help="GRPO steps of the session")
+    parser.add_argument("--grpo-minutes", type=float, default=2.0, help="wall-time cap of the GRPO session")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{'family':<10} {'policy':<8} {'sample':<18} {'reward':>6}  {'ops':>3} {'errors':>6}  answer")
-    for family in SYNTHETIC_FAMILIES:
-        env = gym.make("PixelQA-v0", tasks=family, render_mode="rgb_array")
-        policies = {"oracle": OraclePolicy(env.unwrapped.task_source), "random": RandomPolicy(seed=args.seed)}
-        for name, policy in policies.items():
-            for k in range(args.episodes):
-                reward, info, picture = play(env, policy, seed=args.seed + k)
-                print(f"{family:<10} {name:<8} {info['sample_id']:<18} {reward:6.2f}  {info['n_visual_ops']:>3} "
-                      f"{info['n_op_errors']:>6}  {info['answer']!r} (gold {info['gold_answers']})")
-                if name == "oracle" and k == 0:
-                    path = args.out / f"{family}-oracle.png"
-                    Image.fromarray(picture).save(path)
-        env.close()
-    print(f"pictures written to {args.out}/")
+    missing = [path for path in MODELS.values() if not (Path(path) / "config.json").is_file()]
+    if missing:
+        raise SystemExit(f"missing shipped checkpoints {missing}: rebuild them with the commands in docs/results.md")
+    started = time.time()
+    results = {name: evaluate(name, path, args) for name, path in MODELS.items()}
+    results.update({name: evaluate(name, name, args) for name in BASELINES})
+    table = summary(results)
+    print(f"\n== accuracy on {args.episodes} fresh synthetic questions (seed {args.seed}) ==\n{table}")
+    (args.out / "summary.md").write_text(table + "\n")
+
+    from agents.grpo import GRPOConfig, GRPOTrainer
+
+    print(f"\n== {args.grpo_steps} steps of curiosity-GRPO from the warm start ==", flush=True)
+    config = GRPOConfig(model=MODELS["tiny-warmstart"], out=str(args.out / "grpo"), steps=args.grpo_steps,
+                        tasks={"zoom-read": {"questions": ["read", "read-choice"]}},
+                        queries_per_step=4, group_size=8, lr=2e-4, max_new_tokens=96, max_turns=3, eval_every=0,
+                        eval_queries=16, max_minutes=args.grpo_minutes, save_every=args.grpo_steps, resume=False)
+    shutil.rmtree(args.out / "grpo", ignore_errors=True)
+    final = GRPOTrainer(config).train()
+    print(f"after GRPO: held-out accuracy {final['eval/accuracy']:.2f}, RaPR {final['eval/rapr']:.2f}")
+    print(f"\nreports: {args.out}/<policy>/index.html; GRPO metrics: {args.out / 'grpo'}; "
+          f"total {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

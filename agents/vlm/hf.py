@@ -42,6 +42,7 @@ token ids and images.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -192,7 +193,7 @@ def sequence_logprobs(model: Any, processor: Any, token_ids: Sequence[Sequence[i
     return token_logprobs(model, pad_items(processor, items), temperature, placeholder_token_ids(processor))
 
 
-class ChatPolicy:
+class ChatPolicy(ABC):
     """What every VLM backend shares: per-episode chat state, prompt tokens, stops, turn decoding.
 
     A backend implements `_generate(states)`, returning for each episode the generated ids
@@ -268,8 +269,9 @@ class ChatPolicy:
         state.ids += encoded["input_ids"][0].tolist()
         return encoded
 
+    @abstractmethod
     def _generate(self, states: Sequence[EpisodeState]) -> list[tuple[list[int], list[float]]]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _generate")
+        """Generate one turn for each episode: (generated ids cut after the first stop, their log-probs)."""
 
     def _turn_length(self, ids: Sequence[int]) -> int:
         """Tokens up to and including the first stop token or completed stop string (all if none)."""
