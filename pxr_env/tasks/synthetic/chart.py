@@ -74,10 +74,8 @@ class Chart(SyntheticSource):
 
     def generate(self, seed: int) -> Sample:
         rng = np.random.default_rng(seed)
-        width, height = (int(v) for v in rng.integers(self.canvas[0], self.canvas[1] + 1, size=2))
-        scale = math.sqrt(width * height)
-        tier = "shortcut" if rng.random() < self.shortcut_share else (
-            "hard" if rng.random() < self.hard_share else "easy")
+        width, height, scale = self.draw_canvas(rng)
+        tier = self.draw_tier(rng)
         kind = self.questions[int(rng.integers(len(self.questions)))]
         frac = {"shortcut": self.shortcut_glyph_frac, "easy": self.easy_glyph_frac, "hard": self.hard_glyph_frac}[tier]
         glyph_h = rng.uniform(*frac) * scale

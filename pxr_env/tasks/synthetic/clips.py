@@ -125,8 +125,7 @@ class Clips(SyntheticSource):
         """The clip's frames ``(16, H, W, 3)`` and every Sample field but the video."""
         rng = np.random.default_rng(seed)
         width, height = self.frame_size
-        tier = "shortcut" if rng.random() < self.shortcut_share else (
-            "hard" if rng.random() < self.hard_share else "easy")
+        tier = self.draw_tier(rng)
         allowed = QUESTION_KINDS if tier == "shortcut" else ("digit",)
         kinds = tuple(k for k in self.questions if k in allowed)
         kind = kinds[int(rng.integers(len(kinds)))]

@@ -496,3 +496,16 @@ class SyntheticSource(abc.ABC):
 
     def sample_id(self, seed: int) -> str:
         return f"{self.name}/{seed}"
+
+    def draw_tier(self, rng: np.random.Generator) -> str:
+        """``"shortcut"`` with probability `shortcut_share`, else ``"hard"`` with probability
+        `hard_share`, else ``"easy"`` (the families define both shares)."""
+        if rng.random() < self.shortcut_share:  # type: ignore[attr-defined]
+            return "shortcut"
+        return "hard" if rng.random() < self.hard_share else "easy"  # type: ignore[attr-defined]
+
+    def draw_canvas(self, rng: np.random.Generator) -> tuple[int, int, float]:
+        """Width and height drawn from the `canvas` range, and the scale ``sqrt(width * height)``."""
+        low, high = self.canvas  # type: ignore[attr-defined]
+        width, height = (int(v) for v in rng.integers(low, high + 1, size=2))
+        return width, height, math.sqrt(width * height)

@@ -96,10 +96,8 @@ class Count(SyntheticSource):
 
     def generate(self, seed: int) -> Sample:
         rng = np.random.default_rng(seed)
-        width, height = (int(v) for v in rng.integers(self.canvas[0], self.canvas[1] + 1, size=2))
-        scale = math.sqrt(width * height)
-        tier = "shortcut" if rng.random() < self.shortcut_share else (
-            "hard" if rng.random() < self.hard_share else "easy")
+        width, height, scale = self.draw_canvas(rng)
+        tier = self.draw_tier(rng)
         kind = self.questions[int(rng.integers(len(self.questions)))]
         bg_kind = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
         colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]

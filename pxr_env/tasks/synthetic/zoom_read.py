@@ -27,7 +27,6 @@ easy and hard glyphs are 11-20 px tall in the crop view.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -96,10 +95,8 @@ class ZoomRead(SyntheticSource):
     # ------------------------------------------------------------------ generation
     def generate(self, seed: int) -> Sample:
         rng = np.random.default_rng(seed)
-        width, height = (int(v) for v in rng.integers(self.canvas[0], self.canvas[1] + 1, size=2))
-        scale = math.sqrt(width * height)
-        tier = "shortcut" if rng.random() < self.shortcut_share else (
-            "hard" if rng.random() < self.hard_share else "easy")
+        width, height, scale = self.draw_canvas(rng)
+        tier = self.draw_tier(rng)
         kind = self.questions[int(rng.integers(len(self.questions)))]
         alphabet = DIGITS if self.glyph_sets[int(rng.integers(len(self.glyph_sets)))] == "digits" else LETTERS
         bg_kind = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
