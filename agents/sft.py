@@ -157,6 +157,8 @@ class SFTConfig:
     """Loss weight of box-token targets (one pointing decision among ~100 trained tokens of a trace)."""
     pointer_smoothing: float = 0.0
     """Share of a box token's target mass spread evenly over the same-size boxes of the 8 neighbouring cells."""
+    answer_weight: float = 1.0
+    """Loss weight of the final turn's tokens (the answer, read from the crop)."""
     eval_every: int = 200
     """Steps between closed-loop evaluations (0: only at the end)."""
     eval_tasks: dict[str, dict[str, Any]] = field(default_factory=lambda: {"zoom-read": {}})
@@ -273,14 +275,30 @@ def neighbour_boxes(vocab: BoxVocab) -> torch.Tensor:
     return table
 
 
+def final_turn_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` True on each row's last run of labelled tokens: the trace's final (answer) turn."""
+    labelled = labels != IGNORE_INDEX
+    out = torch.zeros_like(labelled)
+    for row in range(labelled.shape[0]):
+        positions = labelled[row].nonzero().flatten().tolist()
+        if positions:
+            start = end = positions[-1]
+            while start > 0 and labelled[row, start - 1]:
+                start -= 1
+            out[row, start:end + 1] = True
+    return out
+
+
 def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothing: float = 0.0,
-                 neighbours: torch.Tensor | None = None, pointer_weight: float = 1.0) -> tuple[torch.Tensor, int]:
+                 neighbours: torch.Tensor | None = None, pointer_weight: float = 1.0,
+                 answer_weight: float = 1.0) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the labelled tokens of a collated batch, and their count.
 
     Positions labelled ``-100`` (prompts, tool outputs, deliberate mistakes, padding) add
     nothing. With `pointer_smoothing` > 0 a box-token target keeps ``1 - s`` of its mass
     and gives ``s`` evenly to the same-size boxes of its neighbouring cells (`neighbours`);
-    box-token targets weigh `pointer_weight` (the count stays the number of labelled tokens).
+    box-token targets weigh `pointer_weight` and the tokens of the final turn (the answer,
+    read from the last image) weigh `answer_weight` (the count stays the number of labelled tokens).
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
     logits = model(**inputs).logits[:, :-1].float()
@@ -301,6 +319,8 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
             nll[is_box] = (1 - pointer_smoothing) * nll[is_box] + pointer_smoothing * smooth
     if pointer_weight != 1.0 and start is not None:
         nll = torch.where(targets >= start, pointer_weight * nll, nll)
+    if answer_weight != 1.0:
+        nll = torch.where(final_turn_mask(labels)[keep], answer_weight * nll, nll)
     return nll.sum(), int(keep.sum())
 
 
@@ -477,7 +497,8 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         n_tokens = sum(int((b["labels"] != IGNORE_INDEX)[:, 1:].sum()) for b in batches)
         total = 0.0
         for batch in batches:
-            loss_sum, _ = sft_loss_sum(model, batch, config.pointer_smoothing, neighbours, config.pointer_weight)
+            loss_sum, _ = sft_loss_sum(model, batch, config.pointer_smoothing, neighbours, config.pointer_weight,
+                                       config.answer_weight)
             (loss_sum / max(n_tokens, 1)).backward()
             total += loss_sum.item()
         if config.max_grad_norm > 0:

@@ -137,3 +137,32 @@ def test_batches_are_stateless_epochs_and_held_out_seeds_are_disjoint(tmp_path: 
     seed = int(next(iter(used)).split("/")[1])
     ids = eval_sample_ids(cfg.eval_tasks, 3, seed, used)
     assert len(ids) == 3 and not set(ids) & used
+
+
+def test_final_turn_mask_marks_the_last_labelled_run() -> None:
+    from agents.sft import final_turn_mask
+
+    labels = torch.tensor([[-100, 5, 6, -100, -100, 7, 8, 9, -100], [-100, -100, 1, 2, 3, -100, -100, -100, -100]])
+    expected = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(final_turn_mask(labels), expected)
+
+
+def test_answer_weight_scales_only_the_final_turn() -> None:
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL)
+    trace = synthesize_traces("zoom-read", 1, 0, mix=TraceMix(image=SINGLE, video_share=0.0), seed=3,
+                              options=TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat()),
+                              progress=False)[0]
+    batch = collate([encode_segments(processor, trace.segments(), trace.images)], processor.tokenizer.pad_token_id)
+    from agents.sft import final_turn_mask
+
+    with torch.no_grad():
+        plain, count = sft_loss_sum(model, batch)
+        heavy, _ = sft_loss_sum(model, batch, answer_weight=3.0)
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    nll = -torch.log_softmax(logits[keep], -1).gather(-1, labels[keep][:, None]).squeeze(-1)
+    final = nll[final_turn_mask(labels)[keep]].sum()
+    assert 0 < final < plain
+    torch.testing.assert_close(heavy, plain + 2.0 * final, rtol=1e-5, atol=1e-4)
