@@ -35,7 +35,7 @@ loss mask.
 
 Boxes (fractions of the cropped image, written with `TraceOptions.box_decimals`):
 the correct box is the evidence box with a small random jitter whose padded crop (the
-crop op adds 0.1 on every side) holds the whole evidence; a missed box has about the
+crop op adds the env's `crop_padding` on every side) holds the whole evidence; a missed box has about the
 correct box's size, and its padded crop holds neither the evidence centre nor more
 than `TraceOptions.miss_max_overlap` of the evidence area; the over-large box holds the
 evidence and its padded crop is 2-4 times the side of the correct one's (at least twice
@@ -351,7 +351,9 @@ def _frames_call(frames: Sequence[int]) -> str:
 class _Geometry:
     """Box drawing and checking for one image sample, in pixels of the original image."""
 
-    def __init__(self, sample: Sample, options: TraceOptions, rng: np.random.Generator) -> None:
+    def __init__(self, sample: Sample, options: TraceOptions, rng: np.random.Generator,
+                 padding: float, min_side: int) -> None:
+        self.padding, self.min_side = padding, min_side
         height, width = sample.load_image().shape[:2]
         self.size = (width, height)
         self.evidence = tuple(float(v) for v in sample.evidence_box)
@@ -372,12 +374,11 @@ class _Geometry:
             raise _Infeasible("written box is empty")
         return tuple(written)
 
-    @staticmethod
-    def crop_pixels(written: Box, region: Box) -> Box:
+    def crop_pixels(self, written: Box, region: Box) -> Box:
         """The padded crop of `written` (fractions of `region`, a pixel box of the original) in original pixels."""
         rx1, ry1, rx2, ry2 = region
-        left, top, right, bottom = ops.crop_box_pixels(written, (int(rx2 - rx1), int(ry2 - ry1)))
-        if right - left <= ops.MIN_CROP_SIDE or bottom - top <= ops.MIN_CROP_SIDE:
+        left, top, right, bottom = ops.crop_box_pixels(written, (int(rx2 - rx1), int(ry2 - ry1)), self.padding)
+        if right - left <= self.min_side or bottom - top <= self.min_side:
             raise _Infeasible("crop too small")
         return (rx1 + left, ry1 + top, rx1 + right, ry1 + bottom)
 
@@ -442,9 +443,9 @@ class _Geometry:
         tight_area = (tight_crop[2] - tight_crop[0]) * (tight_crop[3] - tight_crop[1])
         for _ in range(tries):
             scale = self.rng.uniform(*self.options.zoom_out)
-            # Side of the box before the crop's padding of 0.1 on each side.
-            bw = max(fx2 - fx1, min(1.0, scale * tw) - 2 * ops.CROP_PADDING)
-            bh = max(fy2 - fy1, min(1.0, scale * th) - 2 * ops.CROP_PADDING)
+            # Side of the box before the crop's padding on each side.
+            bw = max(fx2 - fx1, min(1.0, scale * tw) - 2 * self.padding)
+            bh = max(fy2 - fy1, min(1.0, scale * th) - 2 * self.padding)
             lo_x, lo_y = max(0.0, fx2 - bw), max(0.0, fy2 - bh)
             x1 = self.rng.uniform(lo_x, max(lo_x, min(fx1, self.top - bw)))
             y1 = self.rng.uniform(lo_y, max(lo_y, min(fy1, self.top - bh)))
@@ -497,9 +498,9 @@ class _Step:
     expect: str  # "hit", "miss" (operations) or "answer"
 
 
-def _script(kind: str, sample: Sample, num_frames: int, options: TraceOptions,
+def _script(kind: str, sample: Sample, env: PixelQAEnv, num_frames: int, options: TraceOptions,
             rng: np.random.Generator) -> tuple[list[_Step], dict[str, Any]]:
-    """The assistant turns of `kind` on `sample`, and the JSON record of the boxes or frames written."""
+    """The assistant turns of `kind` on `sample` (under `env`'s crop rules), and the JSON record of the boxes or frames written."""
     describe = _describe(sample, rng, num_frames)
     if kind == TEXT_KIND:
         lead = _VISIBLE_VIDEO if sample.is_video else _VISIBLE
@@ -508,7 +509,7 @@ def _script(kind: str, sample: Sample, num_frames: int, options: TraceOptions,
         return _video_script(kind, sample, num_frames, describe, rng)
     if sample.evidence_box is None:
         raise _Infeasible("no evidence box")
-    geo = _Geometry(sample, options, rng)
+    geo = _Geometry(sample, options, rng, env.crop_padding, env.min_crop_side)
     width, height = geo.size
     whole = (0.0, 0.0, float(width), float(height))
     ex1, ey1, ex2, ey2 = geo.evidence
@@ -612,7 +613,7 @@ def _play(env: PixelQAEnv, sample: Sample, kind: str, options: TraceOptions,
     """Play `kind` on `sample` through `env`; raises `_Infeasible` when a step disagrees with the script."""
     obs, info = env.reset(options={"sample_id": sample.sample_id})
     num_frames = int(info["num_frames"])
-    steps, record = _script(kind, sample, num_frames, options, rng)
+    steps, record = _script(kind, sample, env, num_frames, options, rng)
     conversation = options.chat_format.conversation()
     conversation.add_observation(obs)
     terminated = truncated = False

@@ -240,3 +240,24 @@ def test_a_shared_prefix_cache_gives_the_whole_sequence_logits(model, processor,
                       image_grid_thw=rest["image_grid_thw"], cache=cache, logits_to_keep=1).logits
         whole = model(**inputs, logits_to_keep=1).logits
     torch.testing.assert_close(split, whole, atol=2e-4, rtol=1e-4)
+
+
+def test_token_conv_mixes_neighbouring_patches_and_round_trips(processor, batch, tmp_path):
+    """With ``token_conv`` an image token depends on the neighbouring patches; save/load keeps it."""
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, token_conv=True).eval()
+    plain = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128).eval()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters()) + 64 * 64 * 9 + 64
+    inputs = processor.image_processor([_image(0, (224, 224))], return_tensors="pt")
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    changed = pixels.clone()
+    changed[15] += 1.0  # the patch right of token 14 (row 1, column 0 of the 14 x 14 grid)
+    with torch.no_grad():
+        for m, mixes in ((model, True), (plain, False)):
+            a = m.model.vision.stem(pixels.view(1, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(1, 3, 224, 224))
+            b = m.model.vision.stem(changed.view(1, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(1, 3, 224, 224))
+            assert bool((a[0, :, 1, 0] != b[0, :, 1, 0]).any()) == mixes
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    _, batch_inputs = batch
+    with torch.no_grad():
+        assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)

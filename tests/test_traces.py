@@ -114,9 +114,8 @@ def test_every_trace_replays_to_a_correct_answer_with_identical_tool_outputs(tra
         assert all(np.array_equal(a, b) for a, b in zip(images, trace.images))
 
 
-def _padded(box: list[float]) -> tuple[float, float, float, float]:
+def _padded(box: list[float], p: float = ops.CROP_PADDING) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = box
-    p = ops.CROP_PADDING
     return max(0.0, x1 - p), max(0.0, y1 - p), min(1.0, x2 + p), min(1.0, y2 + p)
 
 
@@ -188,6 +187,22 @@ def test_box_writer_and_decimals_shape_every_written_box():
     assert all(re.fullmatch(r"0\.\d{1,3}", n) for n in numbers)  # json.dumps spelling: 0.5, 0.125
     assert sum(len(n) == 5 for n in numbers) > len(numbers) // 2
 
+
+
+def test_scripts_plan_crops_with_the_env_crop_padding():
+    """With a smaller padding the planned crops are the env's crops: no step disagrees, zoom-ins still zoom."""
+    padding = 0.03
+    options = TraceOptions(env_kwargs={"crop_padding": padding})
+    traces = synthesize_traces("zoom-read", 40, 0, mix=TraceMix(image={"image/recrop-once": 0.5, "image/zoom-in": 0.5}),
+                               seed=3, options=options, progress=False)
+    reasons = Counter(reason for t in traces for reason in t.info["rejected"])
+    assert not any(reason.startswith("env disagrees") for reason in reasons), reasons
+    zoom_ins = [t for t in traces if t.kind == "image/zoom-in"]
+    assert len(zoom_ins) >= 10
+    for trace in zoom_ins:
+        big, tight = trace.info["boxes"]
+        tx1, ty1, tx2, ty2 = _padded(tight, padding)
+        assert (tx2 - tx1) * (ty2 - ty1) <= 0.5 + 1e-2  # the second crop is a real zoom into the first
 
 def test_errors_say_what_to_fix():
     with pytest.raises(ValueError, match="unknown kinds"):

@@ -28,6 +28,9 @@ class TinyVLMConfig(PreTrainedConfig):
         vision_num_layers: bidirectional encoder layers run on each image's tokens.
         patch_size: pixels per image token side (a multiple of 8: the stem halves it three times).
         stem_channels: channels of the stem's first conv (then x2, x4).
+        token_conv: end the stem with a 3x3 conv over the token grid, so that each image
+            token sees its neighbours' patches (a glyph spanning several patches is read
+            much sooner than through attention alone; docs/results.md).
         pointer_grid: cells per side of the box vocabulary's grid.
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
@@ -52,6 +55,7 @@ class TinyVLMConfig(PreTrainedConfig):
     vision_num_layers: int = 2
     patch_size: int = 16
     stem_channels: int = 32
+    token_conv: bool = False
     pointer_grid: int = DEFAULT_GRID
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64

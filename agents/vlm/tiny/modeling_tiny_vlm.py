@@ -6,7 +6,8 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
 ``(1, grid_h, grid_w)``.
 
 - **Vision.** The patches of each image are put back together and go through a conv
-  stem (three stride-2 3x3 convs, then a patch-sized stride conv: one token per patch);
+  stem (three stride-2 3x3 convs, then a patch-sized stride conv: one token per patch;
+  with ``token_conv``, a 3x3 conv over the token grid after it);
   fixed 2D sin/cos positions are added (rotary positions alone carry no absolute
   location, and pointing needs it); a few bidirectional layers mix the tokens of each
   image. The results replace the ``<|image_pad|>`` embeddings.
@@ -175,6 +176,7 @@ class TinyVLMVisionEncoder(nn.Module):
             nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(4 * c, config.hidden_size, config.patch_size // 8, stride=config.patch_size // 8),
+            *((nn.GELU(), nn.Conv2d(config.hidden_size, config.hidden_size, 3, padding=1)) if config.token_conv else ()),
         )
         self.patch_norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layers = nn.ModuleList(TinyVLMLayer(config) for _ in range(config.vision_num_layers))
