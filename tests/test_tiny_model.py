@@ -261,3 +261,22 @@ def test_token_conv_mixes_neighbouring_patches_and_round_trips(processor, batch,
     _, batch_inputs = batch
     with torch.no_grad():
         assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
+
+
+def test_stem_norm_centres_each_image_and_round_trips(processor, batch, tmp_path):
+    """With ``stem_norm`` every stem conv but the last is followed by a GroupNorm; save/load keeps it."""
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, stem_norm=True).eval()
+    norms = [m for m in model.model.vision.stem if isinstance(m, torch.nn.GroupNorm)]
+    assert [n.num_channels for n in norms] == [32, 64, 128]
+    inputs = processor.image_processor([_image(0, (224, 224))], return_tensors="pt")
+    image = inputs["pixel_values"].view(1, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(1, 3, 224, 224)
+    with torch.no_grad():
+        first = model.model.vision.stem[1](model.model.vision.stem[0](image + 0.5))  # a brighter image
+    assert first.view(1, 8, -1).mean(-1).abs().max() < 1e-4  # centred per group whatever the brightness
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    _, batch_inputs = batch
+    with torch.no_grad():
+        assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
+    with pytest.raises(Exception, match="stem_norm needs stem_channels and hidden_size divisible by 8"):
+        build_tiny_model(processor, hidden_size=60, num_attention_heads=2, stem_norm=True)

@@ -28,6 +28,10 @@ class TinyVLMConfig(PreTrainedConfig):
         vision_num_layers: bidirectional encoder layers run on each image's tokens.
         patch_size: pixels per image token side (a multiple of 8: the stem halves it three times).
         stem_channels: channels of the stem's first conv (then x2, x4).
+        stem_norm: a GroupNorm (8 groups) after each stem conv but the last. It removes
+            each image's mean per channel, so the shape of a glyph is not drowned by the
+            background's level (a 50-px digit was named after 250 steps with it, not
+            without; docs/results.md).
         token_conv: end the stem with a 3x3 conv over the token grid, so that each image
             token sees its neighbours' patches (a glyph spanning several patches is read
             much sooner than through attention alone; docs/results.md).
@@ -55,6 +59,7 @@ class TinyVLMConfig(PreTrainedConfig):
     vision_num_layers: int = 2
     patch_size: int = 16
     stem_channels: int = 32
+    stem_norm: bool = False
     token_conv: bool = False
     pointer_grid: int = DEFAULT_GRID
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
@@ -82,6 +87,9 @@ class TinyVLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size {self.hidden_size} must split into {self.num_attention_heads} heads of even size"
             )
+        if self.stem_norm and (self.stem_channels % 8 or self.hidden_size % 8):
+            raise ValueError(f"stem_norm needs stem_channels and hidden_size divisible by 8 (its groups), "
+                             f"got {self.stem_channels}, {self.hidden_size}")
         if self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 (the stem halves it three times), got {self.patch_size}")
         if self.box_token_start_id is not None and self.vocab_size - self.box_token_start_id != self.num_boxes:

@@ -7,7 +7,8 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
 
 - **Vision.** The patches of each image are put back together and go through a conv
   stem (three stride-2 3x3 convs, then a patch-sized stride conv: one token per patch;
-  with ``token_conv``, a 3x3 conv over the token grid after it);
+  with ``token_conv``, a 3x3 conv over the token grid after it; with ``stem_norm``, a
+  GroupNorm after each conv but the last);
   fixed 2D sin/cos positions are added (rotary positions alone carry no absolute
   location, and pointing needs it); a few bidirectional layers mix the tokens of each
   image. The results replace the ``<|image_pad|>`` embeddings.
@@ -171,13 +172,15 @@ class TinyVLMVisionEncoder(nn.Module):
         c = config.stem_channels
         self.patch_size = config.patch_size
         self.ref_grid = config.pointer_grid
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, c, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(4 * c, config.hidden_size, config.patch_size // 8, stride=config.patch_size // 8),
-            *((nn.GELU(), nn.Conv2d(config.hidden_size, config.hidden_size, 3, padding=1)) if config.token_conv else ()),
-        )
+        convs = [nn.Conv2d(3, c, 3, stride=2, padding=1), nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+                 nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1),
+                 nn.Conv2d(4 * c, config.hidden_size, config.patch_size // 8, stride=config.patch_size // 8)]
+        if config.token_conv:
+            convs.append(nn.Conv2d(config.hidden_size, config.hidden_size, 3, padding=1))
+        layers: list[nn.Module] = []
+        for conv in convs[:-1]:
+            layers += [conv, *((nn.GroupNorm(8, conv.out_channels),) if config.stem_norm else ()), nn.GELU()]
+        self.stem = nn.Sequential(*layers, convs[-1])
         self.patch_norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layers = nn.ModuleList(TinyVLMLayer(config) for _ in range(config.vision_num_layers))
         self.norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
