@@ -575,7 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="optimizer steps of the schedule")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--evaluate", metavar="MODEL_DIR",
-                        help="only evaluate a saved model (closed loop) and the answer-only bound; results to OUT")
+                        help="only evaluate a saved model (closed loop) and the answer-only bound; results to OUT "
+                             "(the env_kwargs of --config apply)")
     parser.add_argument("--eval-tasks", help="JSON task spec of --evaluate, e.g. '{\"zoom-read\": {}}'")
     parser.add_argument("--eval-samples", type=int, default=100, help="held-out samples per family of --evaluate")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -587,9 +588,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy = TransformersPolicy.from_pretrained(args.evaluate)
         tasks = json.loads(args.eval_tasks) if args.eval_tasks else ZOOM_ALL
         ids = eval_sample_ids(tasks, args.eval_samples, SFTConfig.eval_seed, set())
+        env_kwargs = json.loads(Path(args.config).read_text()).get("env_kwargs", {}) if args.config else {}
         metrics = evaluate(policy.model, AutoProcessor.from_pretrained(args.evaluate),
                            ChatFormat(policy.system, policy.question_first), tasks, ids,
-                           progress=not args.no_progress) | answer_only_bound(tasks, ids)
+                           progress=not args.no_progress, env_kwargs=env_kwargs) | answer_only_bound(tasks, ids)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "eval.json").write_text(json.dumps({"model": args.evaluate, "tasks": tasks,
                                                               "samples": args.eval_samples, **metrics}, indent=2))

@@ -166,3 +166,26 @@ def test_answer_weight_scales_only_the_final_turn() -> None:
     final = nll[final_turn_mask(labels)[keep]].sum()
     assert 0 < final < plain
     torch.testing.assert_close(heavy, plain + 2.0 * final, rtol=1e-5, atol=1e-4)
+
+
+def test_evaluate_command_uses_the_config_env_kwargs(tmp_path, monkeypatch):
+    """``--evaluate`` plays the saved model in an env built with the ``env_kwargs`` of ``--config``."""
+    import json
+
+    import agents.sft as sft
+
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, vision_num_layers=1)
+    sft.save_model(model, processor, ChatFormat(system=sft.TINY_SYSTEM, question_first=True), tmp_path / "model")
+    (tmp_path / "config.json").write_text(json.dumps({"env_kwargs": {"crop_padding": 0.03}}))
+    seen = {}
+
+    def fake_evaluate(*args, env_kwargs=None, **kwargs):
+        seen["env_kwargs"] = env_kwargs
+        return {"accuracy": 0.0}
+
+    monkeypatch.setattr(sft, "evaluate", fake_evaluate)
+    assert sft.main(["--out", str(tmp_path / "eval"), "--evaluate", str(tmp_path / "model"), "--config",
+                     str(tmp_path / "config.json"), "--eval-samples", "2", "--no-progress"]) == 0
+    assert seen["env_kwargs"] == {"crop_padding": 0.03}
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"] == 0.0
