@@ -57,12 +57,17 @@ def test_loss_falls_and_parameters_move(tmp_path: Path) -> None:
     assert prompt.index("Q?") < prompt.index("<|image_pad|>")
 
 
-def test_masked_tool_output_has_no_effect_on_loss_or_gradient() -> None:
+def _small_model_and_trace() -> tuple:
+    """A fresh small tiny model, its processor and one single-crop zoom-read trace."""
     processor = build_tiny_processor()
     model = build_tiny_model(processor, seed=0, **SMALL)
     trace = synthesize_traces("zoom-read", 1, 0, mix=TraceMix(image=SINGLE, video_share=0.0), seed=3,
                               options=TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat()),
                               progress=False)[0]
+    return processor, model, trace
+
+def test_masked_tool_output_has_no_effect_on_loss_or_gradient() -> None:
+    processor, model, trace = _small_model_and_trace()
     segments = trace.segments()[:3]  # prompt, the trained crop turn, the tool output (crop) last
     assert [trained for _, trained in segments] == [False, True, False]
     item = encode_segments(processor, segments, trace.images[:2])
@@ -148,11 +153,7 @@ def test_final_turn_mask_marks_the_last_labelled_run() -> None:
 
 
 def test_answer_weight_scales_only_the_final_turn() -> None:
-    processor = build_tiny_processor()
-    model = build_tiny_model(processor, seed=0, **SMALL)
-    trace = synthesize_traces("zoom-read", 1, 0, mix=TraceMix(image=SINGLE, video_share=0.0), seed=3,
-                              options=TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat()),
-                              progress=False)[0]
+    processor, model, trace = _small_model_and_trace()
     batch = collate([encode_segments(processor, trace.segments(), trace.images)], processor.tokenizer.pad_token_id)
     from agents.sft import final_turn_mask
 
