@@ -33,6 +33,7 @@ from agents.baselines import AnswerOnlyPolicy, OraclePolicy, RandomPolicy, Reade
 from agents.metrics import format_table, summarize_by
 from agents.report import write_report
 from agents.rollout import collect
+from agents.vlm.env_settings import load_env_settings
 
 BASELINES = ("oracle", "oracle-no-ops", "reader", "reader-no-ops", "random", "answer-only")
 
@@ -84,8 +85,8 @@ def _eval_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=8, help="episodes played at once (default: 8)")
-    p.add_argument("--pixel-bounds", default="tiny", choices=("tiny", "train", "eval"),
-                   help="image size preset of the env (default: tiny)")
+    p.add_argument("--pixel-bounds", choices=("tiny", "train", "eval"),
+                   help="image size preset of the env (default: the model's saved env settings, else tiny)")
     p.add_argument("--max-turns", type=int, default=pxr_env.MAX_TURNS,
                    help=f"turns before an episode is cut without an answer (default: {pxr_env.MAX_TURNS})")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy")
@@ -104,9 +105,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if min(args.episodes, args.batch_size, args.group_size, args.max_turns) < 1:
         raise SystemExit("--episodes, --batch-size, --group-size and --max-turns must be >= 1")
     tasks = parse_tasks(args.tasks)
+    settings = load_env_settings(args.policy) if args.policy not in BASELINES else {}
+    if args.pixel_bounds:
+        settings["pixel_bounds"] = args.pixel_bounds
     try:
-        envs = [gym.make("PixelQA-v0", tasks=tasks, pixel_bounds=args.pixel_bounds, render_mode="rgb_array",
-                         max_episode_steps=args.max_turns) for _ in range(args.batch_size)]
+        envs = [gym.make("PixelQA-v0", tasks=tasks, render_mode="rgb_array", max_episode_steps=args.max_turns,
+                         **settings) for _ in range(args.batch_size)]
     except (ValueError, OSError) as exc:
         raise SystemExit(f"cannot build the tasks {args.tasks!r}: {exc}") from None
     policy = build_policy(args, envs)

@@ -63,7 +63,8 @@ class GRPOConfig:
     tasks: Any = "zoom-read"
     """Task source spec for `pxr_env.tasks.make_task_source` (a family, a mix, dataset folders)."""
     env_kwargs: dict = field(default_factory=dict)
-    """Extra `PixelQAEnv` arguments (pixel bounds, limits)."""
+    """Extra `PixelQAEnv` arguments (pixel bounds, limits), applied over the starting model's saved
+    env settings (`agents.vlm.env_settings`; e.g. the crop padding it was warm-started with)."""
     steps: int = 200
     """Optimizer-update rounds (each: one batch of rollouts, `updates_per_step` updates)."""
     queries_per_step: int = 16
@@ -214,6 +215,7 @@ class GRPOTrainer:
         self.policy = TransformersPolicy.from_pretrained(
             config.model, device=config.device, temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=config.seed)
+        self.policy.env_kwargs = {**self.policy.env_kwargs, **config.env_kwargs}
         self.model, self.processor = self.policy.model, self.policy.processor
         self.suppressed = placeholder_token_ids(self.processor)
         self.reference = None
@@ -258,7 +260,7 @@ class GRPOTrainer:
 
     def _make_env(self) -> gym.Env:
         return gym.make("PixelQA-v0", tasks=self.task_source, max_episode_steps=self.config.max_turns,
-                        **self.config.env_kwargs)
+                        **self.policy.env_kwargs)
 
     def _draw_queries(self, rng: np.random.Generator, n: int) -> list[str]:
         return [self.task_source.sample(rng).sample_id for _ in range(n)]

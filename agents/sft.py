@@ -52,6 +52,7 @@ from agents.rollout import collect
 from agents.schedules import cosine_schedule
 from agents.traces import TraceMix, TraceOptions, synthesize_traces
 from agents.vlm.chat import ChatFormat, save_chat_format
+from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
 from agents.vlm.hf import TransformersPolicy
 from agents.vlm.tiny import BoxVocab, build_tiny_model, build_tiny_processor
@@ -346,7 +347,9 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
 
     Keys: ``accuracy``, ``rapr``, ``mean_ops``, ``op_error_rate``, ``crop_iou``, ``crop_hit``,
     ``answered``, ``acc_with_ops`` / ``acc_without_ops`` (accuracy of the episodes that did /
-    did not run an operation), each also as ``<family>/<key>``. The model is left in train mode.
+    did not run an operation), ``acc_when_hit`` (accuracy of the episodes whose last crop held
+    the evidence: reading, apart from pointing), each also as ``<family>/<key>``. The model is
+    left in train mode.
     """
     was_training = model.training
     policy = TransformersPolicy(model, processor, temperature=0.0, max_new_tokens=max_new_tokens,
@@ -372,6 +375,8 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
         without = [float(i["score"]) for i in rows if int(i["n_visual_ops"]) == 0]
         metrics["acc_with_ops"] = sum(with_ops) / len(with_ops) if with_ops else None
         metrics["acc_without_ops"] = sum(without) / len(without) if without else None
+        hit = [float(i["score"]) for i in rows if i.get("crop_hit")]
+        metrics["acc_when_hit"] = sum(hit) / len(hit) if hit else None
         out.update({f"{name}{k}": v for k, v in metrics.items() if v is not None})
     return out
 
@@ -410,12 +415,15 @@ def _build(config: SFTConfig) -> tuple[Any, Any]:
     return build_tiny_model(processor, seed=config.seed, **config.model), processor
 
 
-def save_model(model: Any, processor: Any, chat_format: ChatFormat, directory: str | Path) -> Path:
-    """Save model (safetensors), processor and chat format so `TransformersPolicy.from_pretrained` loads them."""
+def save_model(model: Any, processor: Any, chat_format: ChatFormat, env_kwargs: Mapping[str, Any],
+               directory: str | Path) -> Path:
+    """Save model (safetensors), processor, chat format and env settings so
+    `TransformersPolicy.from_pretrained` loads them."""
     directory = Path(directory)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     save_chat_format(chat_format, directory)
+    save_env_settings(env_kwargs, directory)
     return directory
 
 
@@ -520,7 +528,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
             bar.set_postfix(loss=f"{loss:.3f}", stage=index, min=f"{minutes:.1f}")
             window_loss, window_tokens, window_seen, window_time = 0.0, 0, 0, 0.0
         if step in config.save_at_steps:
-            save_model(model, processor, config.chat_format, out / f"model-step{step}")
+            save_model(model, processor, config.chat_format, config.env_kwargs, out / f"model-step{step}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(checkpoints, model, optimizer, scheduler, step, capture_rng_states(),
                             extra={"minutes": minutes, "stage_starts": starts}, keep_last=config.keep_checkpoints)
@@ -532,7 +540,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     if finished:
         if not (config.eval_every and step % config.eval_every == 0):
             run_eval()
-        save_model(model, processor, config.chat_format, config.export_dir or out / "final")
+        save_model(model, processor, config.chat_format, config.env_kwargs, config.export_dir or out / "final")
     logger.close()
     results["minutes"] = minutes
     return results
@@ -576,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--evaluate", metavar="MODEL_DIR",
                         help="only evaluate a saved model (closed loop) and the answer-only bound; results to OUT "
-                             "(the env_kwargs of --config apply)")
+                             "(in the env of its saved env settings; the env_kwargs of --config apply over them)")
     parser.add_argument("--eval-tasks", help="JSON task spec of --evaluate, e.g. '{\"zoom-read\": {}}'")
     parser.add_argument("--eval-samples", type=int, default=100, help="held-out samples per family of --evaluate")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -588,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy = TransformersPolicy.from_pretrained(args.evaluate)
         tasks = json.loads(args.eval_tasks) if args.eval_tasks else ZOOM_ALL
         ids = eval_sample_ids(tasks, args.eval_samples, SFTConfig.eval_seed, set())
-        env_kwargs = json.loads(Path(args.config).read_text()).get("env_kwargs", {}) if args.config else {}
+        env_kwargs = {**policy.env_kwargs,
+                      **(json.loads(Path(args.config).read_text()).get("env_kwargs", {}) if args.config else {})}
         metrics = evaluate(policy.model, AutoProcessor.from_pretrained(args.evaluate),
                            ChatFormat(policy.system, policy.question_first), tasks, ids,
                            progress=not args.no_progress, env_kwargs=env_kwargs) | answer_only_bound(tasks, ids)

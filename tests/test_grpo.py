@@ -157,3 +157,17 @@ def test_the_final_policy_keeps_its_chat_format(tmp_path):
     policy.save_pretrained(tmp_path / "saved")
     again = TransformersPolicy.from_pretrained(tmp_path / "saved")
     assert (again.system, again.question_first) == (policy.system, policy.question_first)
+
+
+def test_rollout_envs_take_the_model_env_settings_under_the_config(tiny_checkpoint, tmp_path):
+    """GRPO plays in the env the warm start was trained in; its own `env_kwargs` override per key,
+    and the final policy keeps the merged settings."""
+    from agents.vlm.hf import TransformersPolicy
+
+    policy = TransformersPolicy.from_pretrained(tiny_checkpoint)
+    policy.env_kwargs = {"crop_padding": 0.02, "min_crop_side": 20}
+    policy.save_pretrained(tmp_path / "model")
+    trainer = GRPOTrainer(_config(tmp_path / "model", tmp_path / "run", env_kwargs={"min_crop_side": 10}))
+    env = trainer.envs[0].unwrapped
+    assert (env.crop_padding, env.min_crop_side) == (0.02, 10)
+    assert trainer.policy.env_kwargs == {"crop_padding": 0.02, "min_crop_side": 10}

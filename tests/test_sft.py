@@ -169,15 +169,17 @@ def test_answer_weight_scales_only_the_final_turn() -> None:
     torch.testing.assert_close(heavy, plain + 2.0 * final, rtol=1e-5, atol=1e-4)
 
 
-def test_evaluate_command_uses_the_config_env_kwargs(tmp_path, monkeypatch):
-    """``--evaluate`` plays the saved model in an env built with the ``env_kwargs`` of ``--config``."""
+def test_evaluate_command_uses_the_saved_env_settings_and_the_config_env_kwargs(tmp_path, monkeypatch):
+    """``--evaluate`` plays the saved model in the env it was trained in, with the ``env_kwargs`` of
+    ``--config`` over its saved env settings."""
     import json
 
     import agents.sft as sft
 
     processor = build_tiny_processor()
     model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, vision_num_layers=1)
-    sft.save_model(model, processor, ChatFormat(system=sft.TINY_SYSTEM, question_first=True), tmp_path / "model")
+    sft.save_model(model, processor, ChatFormat(system=sft.TINY_SYSTEM, question_first=True),
+                   {"crop_padding": 0.05, "min_crop_side": 20}, tmp_path / "model")
     (tmp_path / "config.json").write_text(json.dumps({"env_kwargs": {"crop_padding": 0.03}}))
     seen = {}
 
@@ -188,5 +190,28 @@ def test_evaluate_command_uses_the_config_env_kwargs(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "evaluate", fake_evaluate)
     assert sft.main(["--out", str(tmp_path / "eval"), "--evaluate", str(tmp_path / "model"), "--config",
                      str(tmp_path / "config.json"), "--eval-samples", "2", "--no-progress"]) == 0
-    assert seen["env_kwargs"] == {"crop_padding": 0.03}
+    assert seen["env_kwargs"] == {"crop_padding": 0.03, "min_crop_side": 20}
+    assert sft.main(["--out", str(tmp_path / "eval"), "--evaluate", str(tmp_path / "model"), "--eval-samples", "2",
+                     "--no-progress"]) == 0
+    assert seen["env_kwargs"] == {"crop_padding": 0.05, "min_crop_side": 20}
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"] == 0.0
+
+
+def test_evaluate_separates_reading_from_pointing(monkeypatch) -> None:
+    """``acc_when_hit`` is the accuracy of the episodes whose last crop held the evidence."""
+    from types import SimpleNamespace
+
+    import agents.sft as sft
+
+    def info(score: float, ops: int, hit: bool | None) -> dict:
+        return {"family": "zoom-read", "score": score, "n_visual_ops": ops, "n_tool_calls": ops, "n_op_errors": 0,
+                "answer": "7",
+                "crop_iou": None if hit is None else float(hit), "crop_hit": hit}
+
+    infos = [info(1.0, 1, True), info(0.0, 1, True), info(1.0, 1, False), info(1.0, 0, None)]
+    monkeypatch.setattr(sft, "collect", lambda *a, **k: [SimpleNamespace(info=i) for i in infos])
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, vision_num_layers=1)
+    metrics = sft.evaluate(model, processor, ChatFormat(), ZOOM_EASY, ["zoom-read/0"])
+    assert metrics["acc_when_hit"] == 0.5 and metrics["zoom-read/acc_when_hit"] == 0.5
+    assert metrics["acc_with_ops"] == pytest.approx(2 / 3) and metrics["acc_without_ops"] == 1.0

@@ -280,3 +280,27 @@ def test_stem_norm_centres_each_image_and_round_trips(processor, batch, tmp_path
         assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
     with pytest.raises(Exception, match="stem_norm needs stem_channels and hidden_size divisible by 8"):
         build_tiny_model(processor, hidden_size=60, num_attention_heads=2, stem_norm=True)
+
+
+def test_image_summary_reaches_every_token_and_round_trips(processor, batch, tmp_path):
+    """With ``image_summary`` a change in one corner reaches the far corner's token; save/load keeps it."""
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, image_summary=True).eval()
+    plain = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128).eval()
+    vision, plain_vision = model.model.vision, plain.model.vision
+    inputs = processor.image_processor([_image(0, (224, 224))], return_tensors="pt")
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    changed = pixels.clone()
+    changed[0] += 1.0  # the top-left patch
+    with torch.no_grad():
+        for v, reaches in ((vision, True), (plain_vision, False)):
+            layers, v.layers = v.layers, torch.nn.ModuleList()  # attention mixes all tokens: test the stem path
+            a, b = v(pixels, grid), v(changed, grid)
+            assert bool((a[-1] != b[-1]).any()) == reaches  # the bottom-right token
+            v.layers = layers
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    _, batch_inputs = batch
+    with torch.no_grad():
+        assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
+    with pytest.raises(Exception, match="image_summary needs hidden_size divisible by 8"):
+        build_tiny_model(processor, hidden_size=60, num_attention_heads=2, image_summary=True)

@@ -53,6 +53,7 @@ import torch
 from agents.base import EpisodeContext, Generation
 from agents.vlm import encoding
 from agents.vlm.chat import IM_END, ChatFormat, Conversation, load_chat_format, save_chat_format
+from agents.vlm.env_settings import load_env_settings, save_env_settings
 
 TOOL_CALL_END = "</tool_call>"
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -304,6 +305,8 @@ class TransformersPolicy(ChatPolicy):
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
         super().__init__(processor, **options)
         self.model, self.max_batch_size = model.eval(), max_batch_size
+        self.env_kwargs: dict[str, Any] = {}
+        """`PixelQAEnv` arguments the policy was trained with (from its checkpoint's env settings)."""
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: str = "float32",
@@ -314,6 +317,7 @@ class TransformersPolicy(ChatPolicy):
         `agents.vlm.tiny` is registered first, so its checkpoints load like any other. A
         folder's saved `ChatFormat` (`agents.vlm.chat.load_chat_format`) gives the default
         ``system`` and ``question_first``; checkpoints without one keep the standard format.
+        Its saved env settings (`agents.vlm.env_settings`) become ``policy.env_kwargs``.
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -326,14 +330,17 @@ class TransformersPolicy(ChatPolicy):
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         chat_format = load_chat_format(name_or_path) if Path(name_or_path).is_dir() else ChatFormat()
         options = {"system": chat_format.system, "question_first": chat_format.question_first, **options}
-        return cls(model, processor, **options)
+        policy = cls(model, processor, **options)
+        policy.env_kwargs = load_env_settings(name_or_path)
+        return policy
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the model (safetensors), the processor and the chat format to `path`, so that
-        `from_pretrained` plays the saved policy with the same conversation layout."""
+        """Write the model (safetensors), the processor, the chat format and the env settings to
+        `path`, so that `from_pretrained` plays the saved policy in the same layout and env."""
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
         save_chat_format(ChatFormat(self.system, self.question_first), path)
+        save_env_settings(self.env_kwargs, path)
 
     state_class = _FeatureState
 

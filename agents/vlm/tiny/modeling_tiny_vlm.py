@@ -8,7 +8,8 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
 - **Vision.** The patches of each image are put back together and go through a conv
   stem (three stride-2 3x3 convs, then a patch-sized stride conv: one token per patch;
   with ``token_conv``, a 3x3 conv over the token grid after it; with ``stem_norm``, a
-  GroupNorm after each conv but the last);
+  GroupNorm after each conv but the last; with ``image_summary``, a conv branch over
+  the token grid, max-pooled, adds one vector per image to all its tokens);
   fixed 2D sin/cos positions are added (rotary positions alone carry no absolute
   location, and pointing needs it); a few bidirectional layers mix the tokens of each
   image. The results replace the ``<|image_pad|>`` embeddings.
@@ -158,6 +159,25 @@ class TinyVLMLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class TinyVLMImageSummary(nn.Module):
+    """One vector per image from its token grid: two stride-2 3x3 convs (GroupNorm, GELU), max-pooled.
+
+    Its receptive field spans the whole 14 x 14 grid, so a glyph covering many patches is
+    seen whole, as a small CNN classifier sees it.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.GroupNorm(8, hidden), nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.GroupNorm(8, hidden), nn.GELU())
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """``(n, hidden, h, w)`` token grid -> ``(n, hidden)``."""
+        return self.out(self.convs(grid).amax(dim=(2, 3)))
+
+
 class TinyVLMVisionEncoder(nn.Module):
     """Patches -> image tokens: conv stem over each whole image, 2D sin/cos positions, bidirectional layers.
 
@@ -181,6 +201,7 @@ class TinyVLMVisionEncoder(nn.Module):
         for conv in convs[:-1]:
             layers += [conv, *((nn.GroupNorm(8, conv.out_channels),) if config.stem_norm else ()), nn.GELU()]
         self.stem = nn.Sequential(*layers, convs[-1])
+        self.summary = TinyVLMImageSummary(config.hidden_size) if config.image_summary else None
         self.patch_norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layers = nn.ModuleList(TinyVLMLayer(config) for _ in range(config.vision_num_layers))
         self.norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -200,7 +221,10 @@ class TinyVLMVisionEncoder(nn.Module):
             n = len(indices) * t
             images = torch.stack([pieces[i] for i in indices]).view(n, h, w, 3, p, p)
             images = images.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, h * p, w * p)
-            tokens = self.patch_norm(self.stem(images).flatten(2).transpose(1, 2))
+            grid = self.stem(images)
+            if self.summary is not None:
+                grid = grid + self.summary(grid)[:, :, None, None]
+            tokens = self.patch_norm(grid.flatten(2).transpose(1, 2))
             tokens = tokens + sincos_2d(h, w, tokens.shape[-1], self.ref_grid, tokens.device).to(tokens.dtype)
             for layer in self.layers:
                 tokens = layer(tokens, mask=None)
