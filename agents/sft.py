@@ -51,6 +51,7 @@ from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
 from agents.schedules import cosine_schedule
 from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from agents.vision_pretrain import VisionPretrainConfig, glyph_crops, pretrain_vision
 from agents.vlm.chat import ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
@@ -154,6 +155,10 @@ class SFTConfig:
     """Gradient clipping norm (0: off)."""
     freeze_vision: bool = False
     """Keep the vision tower fixed (the paper's recipe for a pretrained model)."""
+    vision_pretrain: VisionPretrainConfig | None = None
+    """Pretrain a fresh tiny model's image encoder to name the glyphs of its trace crops before
+    the SFT (`agents.vision_pretrain`; a dict of `VisionPretrainConfig` fields is accepted).
+    Its crops come from its own task spec or the first stage's; its minutes count in `max_minutes`."""
     pointer_weight: float = 1.0
     """Loss weight of box-token targets (one pointing decision among ~100 trained tokens of a trace)."""
     pointer_smoothing: float = 0.0
@@ -193,6 +198,10 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, SFTStage) else SFTStage(**s) for s in self.stages]
+        if isinstance(self.vision_pretrain, Mapping):
+            self.vision_pretrain = VisionPretrainConfig(**self.vision_pretrain)
+        if self.vision_pretrain is not None and self.init_from is not None:
+            raise ValueError("vision_pretrain applies to a fresh tiny model; drop it or init_from")
         if not self.stages:
             raise ValueError("stages needs at least one SFTStage")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "max_new_tokens",
@@ -439,6 +448,20 @@ def _stage_at(config: SFTConfig, step: int, minutes: float, starts: list[int]) -
     return index
 
 
+def _pretrain_vision(config: SFTConfig, model: Any, processor: Any, logger: MetricLogger) -> tuple[float, list[str]]:
+    """Run `config.vision_pretrain`; returns its minutes and the sample ids of its crops."""
+    pretrain = config.vision_pretrain
+    options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=config.chat_format,
+                           env_kwargs=dict(config.env_kwargs))
+    images, labels, ids = glyph_crops(task_source(pretrain.tasks or config.stages[0].tasks), pretrain.samples,
+                                      config.seed * 1000 + 999,
+                                      options, workers=config.trace_workers, progress=config.progress)
+    record = pretrain_vision(model.model.vision, processor.image_processor, images, labels, pretrain,
+                             seed=config.seed, progress=config.progress)
+    logger.log(0, record)
+    return record["pretrain/minutes"], sorted(ids)
+
+
 def train_sft(config: SFTConfig, stop_after: int | None = None,
               on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Run the warm start described by `config`; returns the last evaluation and the step reached.
@@ -456,18 +479,23 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, round(config.warmup_ratio * config.max_steps), config.max_steps,
                                 config.min_lr_ratio)
-    step, minutes, starts = 0, 0.0, [0]
+    step, minutes, starts, pretrain_minutes, pretrain_ids = 0, 0.0, [0], 0.0, []
     latest = latest_checkpoint(checkpoints) if config.resume else None
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer, scheduler)
         step, minutes, starts = state.step, float(state.extra["minutes"]), list(state.extra["stage_starts"])
+        pretrain_minutes = float(state.extra.get("pretrain_minutes", 0.0))
+        pretrain_ids = list(state.extra.get("pretrain_ids", []))
     logger = MetricLogger(out, resume_step=step + 1 if config.resume else None)
+    if config.vision_pretrain is not None and latest is None:
+        pretrain_minutes, pretrain_ids = _pretrain_vision(config, model, processor, logger)
+        minutes = pretrain_minutes
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     neighbours = neighbour_boxes(BoxVocab(model.config.pointer_grid, tuple(model.config.box_sizes))) \
         if config.pointer_smoothing > 0 and hasattr(model.config, "pointer_grid") else None
     pad_id = processor.tokenizer.pad_token_id
     stage_cache: dict[int, list[dict[str, torch.Tensor]]] = {}
-    train_ids: set[str] = set()
+    train_ids: set[str] = set(pretrain_ids)
 
     def items_of(index: int) -> list[dict[str, torch.Tensor]]:
         if index not in stage_cache:
@@ -494,7 +522,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     while step < config.max_steps and (config.max_minutes is None or minutes < config.max_minutes):
         if stop_after is not None and step >= stop_after:
             break
-        index = _stage_at(config, step, minutes, starts)
+        index = _stage_at(config, step, minutes - pretrain_minutes, starts)
         items = items_of(index)
         tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -531,7 +559,8 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
             save_model(model, processor, config.chat_format, config.env_kwargs, out / f"model-step{step}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(checkpoints, model, optimizer, scheduler, step, capture_rng_states(),
-                            extra={"minutes": minutes, "stage_starts": starts}, keep_last=config.keep_checkpoints)
+                            extra={"minutes": minutes, "stage_starts": starts, "pretrain_minutes": pretrain_minutes,
+                                   "pretrain_ids": pretrain_ids}, keep_last=config.keep_checkpoints)
         if config.eval_every and step % config.eval_every == 0:
             run_eval()
     bar.close()

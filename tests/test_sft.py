@@ -215,3 +215,40 @@ def test_evaluate_separates_reading_from_pointing(monkeypatch) -> None:
     metrics = sft.evaluate(model, processor, ChatFormat(), ZOOM_EASY, ["zoom-read/0"])
     assert metrics["acc_when_hit"] == 0.5 and metrics["zoom-read/acc_when_hit"] == 0.5
     assert metrics["acc_with_ops"] == pytest.approx(2 / 3) and metrics["acc_without_ops"] == 1.0
+
+
+def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:
+    from agents.vision_pretrain import GLYPHS, VisionPretrainConfig, glyph_crops, pretrain_vision
+    from pxr_env.tasks.synthetic import ZoomRead
+
+    source = ZoomRead(questions=("read",), shortcut_share=0.0, hard_share=0.0, distractors=(0, 2))
+    options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat(), env_kwargs={"crop_padding": 0.03})
+    images, labels, ids = glyph_crops(source, 10, seed=1, options=options)
+    assert len(images) == len(labels) == len(ids) == 10
+    sample = source.get(sorted(ids)[0])
+    assert sample.meta["targets"][0]["glyph"] in GLYPHS and all(im.shape[2] == 3 for im in images)
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL, image_summary=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = []
+    result = pretrain_vision(model.model.vision, processor.image_processor, images, labels,
+                             VisionPretrainConfig(samples=10, steps=60, batch_size=4, lr=1e-2, held_out=2),
+                             log=lambda step, r: records.append((step, r)))
+    assert [s for s, _ in records] == [50, 60] and result["pretrain/steps"] == 60
+    assert records[1][1]["pretrain/loss"] < 0.5 * records[0][1]["pretrain/loss"]  # it fits its 8 crops
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.startswith("model.vision.") for k in moved)
+    with pytest.raises(ValueError, match="no zoom-read crop"):
+        glyph_crops(ZoomRead(questions=("relative",), shortcut_share=0.0, hard_share=0.0), 2, 0, options)
+
+
+def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path) -> None:
+    pretrain = {"samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
+    cfg = config(tmp_path, vision_pretrain=pretrain, checkpoint_every=1)
+    train_sft(cfg, stop_after=2)
+    train_sft(config(tmp_path, vision_pretrain=pretrain, checkpoint_every=1, resume=True))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows if "pretrain/minutes" in r] == [0]
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="fresh tiny model"):
+        config(tmp_path, vision_pretrain=pretrain, init_from=str(tmp_path / "final"), model={})
