@@ -155,6 +155,10 @@ class SFTConfig:
     """Gradient clipping norm (0: off)."""
     freeze_vision: bool = False
     """Keep the vision tower fixed (the paper's recipe for a pretrained model)."""
+    freeze: list[str] = field(default_factory=list)
+    """Prefixes of parameter names kept fixed in the SFT (after any vision pretraining), e.g.
+    ``["model.vision.stem", "model.vision.summary"]``: the SFT's pointing loss otherwise
+    overwrites pretrained glyph features within a few hundred steps (docs/results.md)."""
     vision_pretrain: VisionPretrainConfig | None = None
     """Pretrain a fresh tiny model's image encoder to name the glyphs of its trace crops before
     the SFT (`agents.vision_pretrain`; a dict of `VisionPretrainConfig` fields is accepted).
@@ -448,8 +452,19 @@ def _stage_at(config: SFTConfig, step: int, minutes: float, starts: list[int]) -
     return index
 
 
-def _pretrain_vision(config: SFTConfig, model: Any, processor: Any, logger: MetricLogger) -> tuple[float, list[str]]:
-    """Run `config.vision_pretrain`; returns its minutes and the sample ids of its crops."""
+def _freeze(model: Any, prefixes: Sequence[str]) -> None:
+    """Keep the parameters whose names start with one of `prefixes` fixed; each prefix must match."""
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
+    if unknown:
+        raise ValueError(f"freeze prefixes {unknown} match no parameter of the model")
+    for name, param in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            param.requires_grad_(False)
+
+
+def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[float, list[str], dict[str, float]]:
+    """Run `config.vision_pretrain`; returns its minutes, the sample ids of its crops and its last record."""
     pretrain = config.vision_pretrain
     options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=config.chat_format,
                            env_kwargs=dict(config.env_kwargs))
@@ -458,8 +473,7 @@ def _pretrain_vision(config: SFTConfig, model: Any, processor: Any, logger: Metr
                                       options, workers=config.trace_workers, progress=config.progress)
     record = pretrain_vision(model.model.vision, processor.image_processor, images, labels, pretrain,
                              seed=config.seed, progress=config.progress)
-    logger.log(0, record)
-    return record["pretrain/minutes"], sorted(ids)
+    return record["pretrain/minutes"], sorted(ids), record
 
 
 def train_sft(config: SFTConfig, stop_after: int | None = None,
@@ -473,23 +487,24 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     out = Path(config.out)
     checkpoints = out / "checkpoints"
     model, processor = _build(config)
-    if config.freeze_vision:
-        model.model.vision.requires_grad_(False)
+    latest = latest_checkpoint(checkpoints) if config.resume else None
+    pretrain_minutes, pretrain_ids, pretrain_record = 0.0, [], None
+    if config.vision_pretrain is not None and latest is None:
+        pretrain_minutes, pretrain_ids, pretrain_record = _pretrain_vision(config, model, processor)
+    _freeze(model, ["model.vision."] * config.freeze_vision + list(config.freeze))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, round(config.warmup_ratio * config.max_steps), config.max_steps,
                                 config.min_lr_ratio)
-    step, minutes, starts, pretrain_minutes, pretrain_ids = 0, 0.0, [0], 0.0, []
-    latest = latest_checkpoint(checkpoints) if config.resume else None
+    step, minutes, starts = 0, pretrain_minutes, [0]
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer, scheduler)
         step, minutes, starts = state.step, float(state.extra["minutes"]), list(state.extra["stage_starts"])
         pretrain_minutes = float(state.extra.get("pretrain_minutes", 0.0))
         pretrain_ids = list(state.extra.get("pretrain_ids", []))
     logger = MetricLogger(out, resume_step=step + 1 if config.resume else None)
-    if config.vision_pretrain is not None and latest is None:
-        pretrain_minutes, pretrain_ids = _pretrain_vision(config, model, processor, logger)
-        minutes = pretrain_minutes
+    if pretrain_record is not None:
+        logger.log(0, pretrain_record)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     neighbours = neighbour_boxes(BoxVocab(model.config.pointer_grid, tuple(model.config.box_sizes))) \
         if config.pointer_smoothing > 0 and hasattr(model.config, "pointer_grid") else None

@@ -252,3 +252,15 @@ def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path)
     assert (tmp_path / "final" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="fresh tiny model"):
         config(tmp_path, vision_pretrain=pretrain, init_from=str(tmp_path / "final"), model={})
+
+
+def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    cfg = config(tmp_path, stages=[SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=2,
+                 checkpoint_every=0, freeze=["model.vision.stem", "pointer.key"])
+    fresh = build_tiny_model(build_tiny_processor(), seed=cfg.seed, **SMALL).state_dict()
+    train_sft(cfg)
+    trained = load_file(str(tmp_path / "final" / "model.safetensors"))
+    moved = {k for k, v in fresh.items() if k in trained and not torch.equal(v, trained[k])}
+    assert moved and not any(k.startswith(("model.vision.stem", "pointer.key")) for k in moved)
+    with pytest.raises(ValueError, match="match no parameter"):
+        train_sft(config(tmp_path / "bad", freeze=["model.visoin"], max_steps=1))
