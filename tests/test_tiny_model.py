@@ -242,6 +242,15 @@ def test_a_shared_prefix_cache_gives_the_whole_sequence_logits(model, processor,
     torch.testing.assert_close(split, whole, atol=2e-4, rtol=1e-4)
 
 
+def _assert_round_trips(model, batch, tmp_path) -> None:
+    """`save_pretrained` + `from_pretrained` give identical logits on `batch`."""
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    _, batch_inputs = batch
+    with torch.no_grad():
+        assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
+
+
 def test_token_conv_mixes_neighbouring_patches_and_round_trips(processor, batch, tmp_path):
     """With ``token_conv`` an image token depends on the neighbouring patches; save/load keeps it."""
     model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, token_conv=True).eval()
@@ -256,11 +265,7 @@ def test_token_conv_mixes_neighbouring_patches_and_round_trips(processor, batch,
             a = m.model.vision.stem(pixels.view(1, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(1, 3, 224, 224))
             b = m.model.vision.stem(changed.view(1, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(1, 3, 224, 224))
             assert bool((a[0, :, 1, 0] != b[0, :, 1, 0]).any()) == mixes
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    _, batch_inputs = batch
-    with torch.no_grad():
-        assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
+    _assert_round_trips(model, batch, tmp_path)
 
 
 def test_stem_norm_centres_each_image_and_round_trips(processor, batch, tmp_path):
@@ -273,11 +278,7 @@ def test_stem_norm_centres_each_image_and_round_trips(processor, batch, tmp_path
     with torch.no_grad():
         first = model.model.vision.stem[1](model.model.vision.stem[0](image + 0.5))  # a brighter image
     assert first.view(1, 8, -1).mean(-1).abs().max() < 1e-4  # centred per group whatever the brightness
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    _, batch_inputs = batch
-    with torch.no_grad():
-        assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
+    _assert_round_trips(model, batch, tmp_path)
     with pytest.raises(Exception, match="stem_norm needs stem_channels and hidden_size divisible by 8"):
         build_tiny_model(processor, hidden_size=60, num_attention_heads=2, stem_norm=True)
 
@@ -297,10 +298,6 @@ def test_image_summary_reaches_every_token_and_round_trips(processor, batch, tmp
             a, b = v(pixels, grid), v(changed, grid)
             assert bool((a[-1] != b[-1]).any()) == reaches  # the bottom-right token
             v.layers = layers
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    _, batch_inputs = batch
-    with torch.no_grad():
-        assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
+    _assert_round_trips(model, batch, tmp_path)
     with pytest.raises(Exception, match="image_summary needs hidden_size divisible by 8"):
         build_tiny_model(processor, hidden_size=60, num_attention_heads=2, image_summary=True)
