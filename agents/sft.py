@@ -12,7 +12,8 @@ crops are executed, the crops fed back, the answer scored. Metrics go to `Metric
 with their difficulty knobs and its trace counts and mix; a stage ends after its
 ``steps`` or ``minutes`` (of training time), the last one runs to the end. Each stage's
 traces are synthesized when the stage starts and encoded once (images kept as uint8
-patches, 4x smaller than float).
+patches, 4x smaller than float). A ``reading`` stage trains on the question, the final
+crop and the answer alone (`Trace.reading`), with its own batch size.
 
 **Resume.** A checkpoint (`agents.checkpoint.save_checkpoint`) every `SFTConfig.checkpoint_every`
 steps holds the model, optimizer, schedule, RNG states and the training clock; the
@@ -107,6 +108,12 @@ class SFTStage:
     """Optimizer steps after which the stage ends (None: no step limit)."""
     minutes: float | None = None
     """Training minutes after which the stage ends (None: no time limit)."""
+    reading: bool = False
+    """Train reading alone: each trace becomes its question with its last image (the crop) as
+    the only image, and its final turn, the only trained piece (`Trace.reading`). A tiny model
+    learns to read through its decoder far sooner when the loss is the answer (docs/results.md)."""
+    batch_size: int | None = None
+    """Sequences per micro-batch in this stage (None: `SFTConfig.batch_size`); reading items are short."""
 
     def __post_init__(self) -> None:
         task_source(self.tasks)
@@ -115,6 +122,8 @@ class SFTStage:
         TraceMix(image=self.image_mix, video=self.video_mix)
         if self.steps is not None and self.steps < 1 or self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"stage steps must be >= 1 and minutes > 0 when set, got {self.steps}, {self.minutes}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"stage batch_size must be >= 1 when set, got {self.batch_size}")
 
 
 @dataclass
@@ -257,7 +266,7 @@ def stage_items(config: SFTConfig, stage_index: int, processor: Any) -> tuple[li
                                mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
                                seed=config.seed * 1000 + stage_index, options=options,
                                workers=config.trace_workers, progress=config.progress)
-    items = [_compact(encode_segments(processor, t.segments(), t.images))
+    items = [_compact(encode_segments(processor, *(t.reading() if stage.reading else (t.segments(), t.images))))
              for t in tqdm(traces, desc=f"encode stage {stage_index}", disable=not config.progress)]
     return items, {t.sample_id for t in traces}
 
@@ -541,7 +550,8 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         items = items_of(index)
         tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        micro = [[_expand(items[i]) for i in batch_indices(len(items), config.batch_size, config.seed, index,
+        batch_size = config.stages[index].batch_size or config.batch_size
+        micro = [[_expand(items[i]) for i in batch_indices(len(items), batch_size, config.seed, index,
                                                            (step - starts[index]) * config.grad_accum + k)]
                  for k in range(config.grad_accum)]
         batches = [collate(m, pad_id) for m in micro]

@@ -193,6 +193,22 @@ class Trace:
         """
         return conversation_segments(self.conversation.messages, self.trained)
 
+    def reading(self) -> tuple[list[tuple[str, bool]], list[np.ndarray]]:
+        """The trace reduced to reading its last image: segments and images of a one-turn conversation.
+
+        The system message, the first user message with the trace's last image (the final
+        crop, or the original of a textual trace) in place of the original, and the final
+        assistant turn, the only piece trained. Video traces are refused. A reading stage of the SFT trains on these,
+        so that the loss is the answer alone (`agents.sft.SFTStage.reading`).
+        """
+        messages = self.conversation.messages
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        if sum(item.get("type") == "image" for item in messages[first]["content"]) != 1:
+            raise ValueError(f"{self.sample_id}: reading items are made of image traces (one image in the question), "
+                             f"not of video traces")
+        reduced = [*messages[:first], messages[first], messages[-1]]
+        return conversation_segments(reduced, [self.trained[-1]]), [self.images[-1]]
+
 
 def conversation_segments(messages: Sequence[Mapping[str, Any]], trained: Sequence[bool]) -> list[tuple[str, bool]]:
     """Split rendered `messages` into (text, trained) pieces at every assistant turn (see `Trace.segments`)."""

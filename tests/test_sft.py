@@ -264,3 +264,23 @@ def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(tmp_path: Path)
     assert moved and not any(k.startswith(("model.vision.stem", "pointer.key")) for k in moved)
     with pytest.raises(ValueError, match="match no parameter"):
         train_sft(config(tmp_path / "bad", freeze=["model.visoin"], max_steps=1))
+
+
+def test_reading_stage_trains_the_answer_of_question_and_crop_with_its_own_batch(tmp_path: Path) -> None:
+    """A ``reading`` stage encodes `Trace.reading` items (one image, the answer labelled) and uses its batch size."""
+    reading = SFTStage(tasks=ZOOM_EASY, n_pixel=3, image_mix=SINGLE, steps=2, reading=True, batch_size=3)
+    cfg = config(tmp_path, stages=[reading, SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=3,
+                 checkpoint_every=0)
+    processor = build_tiny_processor()
+    items, _ = stage_items(cfg, 0, processor)
+    traces, _ = stage_items(cfg, 1, processor)
+    for item in items:
+        assert int(item["image_grid_thw"].shape[0]) == 1
+        labelled = item["loss_mask"].nonzero().flatten()
+        assert len(labelled) and labelled.max() - labelled.min() + 1 == len(labelled)  # one run: the answer turn
+    assert max(len(i["input_ids"]) for i in items) < min(len(t["input_ids"]) for t in traces)
+    train_sft(cfg)
+    rows = [r for r in read_metrics(tmp_path) if "train/tokens_per_s" in r]
+    assert [r["train/stage"] for r in rows] == [0, 0, 1]
+    with pytest.raises(ValueError, match="batch_size"):
+        SFTStage(batch_size=0)

@@ -224,3 +224,20 @@ def test_command_line_writes_a_loadable_folder(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 4 and summary["correct"] == 4
     assert len(load_traces(tmp_path)) == 4
+
+
+def test_reading_keeps_the_question_the_last_image_and_the_answer(traces):
+    """`Trace.reading`: one image (the final crop), the question, and only the final turn trained."""
+    kinds = ("image/recrop-once", TEXT_KIND)
+    for trace in [t for t in traces if t.kind in kinds and not t.sample_id.startswith("video")][:4]:
+        segments, images = trace.reading()
+        assert len(images) == 1 and images[0] is trace.images[-1]
+        text = "".join(piece for piece, _ in segments)
+        assert text.count("<|image_pad|>") == 1 and text.count("<|im_start|>assistant") == 1
+        assert trace.conversation.messages[-1]["content"][0]["text"] in text
+        assert [flag for _, flag in segments] == [False, trace.trained[-1]]
+        question = next(m for m in trace.conversation.messages if m["role"] == "user")["content"]
+        assert all(item["text"] in text for item in question if item.get("type") == "text")
+    video = next(t for t in traces if t.kind.startswith("video/"))
+    with pytest.raises(ValueError, match="video traces"):
+        video.reading()
