@@ -58,6 +58,7 @@ from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
 from agents.vlm.hf import TransformersPolicy
 from agents.vlm.tiny import BoxVocab, build_tiny_model, build_tiny_processor
+from agents.vlm.tiny.boxes import DEFAULT_BOX_SIZES, DEFAULT_GRID
 from pxr_env.tasks import MixtureSource, TaskSource
 from pxr_env.tasks.synthetic import FAMILIES
 
@@ -68,12 +69,25 @@ TINY_SYSTEM = ("Answer the question about the image or video. When a detail is t
 TaskSpec = Mapping[str, Mapping[str, Any]]
 """Family name -> constructor knobs, with an optional ``"weight"`` entry (default 1)."""
 
-_BOXES = BoxVocab()
+@dataclass(frozen=True)
+class BoxSnapper:
+    """The tiny model's box writer: the box of `vocab`'s tokens that best overlaps a box (picklable)."""
+
+    vocab: BoxVocab = field(default_factory=BoxVocab)
+
+    def __call__(self, box: Sequence[float]) -> tuple[float, ...]:
+        return self.vocab.boxes[self.vocab.snap(box)]
 
 
-def snap_to_box_tokens(box: Sequence[float]) -> tuple[float, ...]:
-    """The tiny model's box writer: the box token that best overlaps `box` (picklable)."""
-    return _BOXES.boxes[_BOXES.snap(box)]
+snap_to_box_tokens = BoxSnapper()
+"""The box writer of the default box vocabulary (grid 14, `DEFAULT_BOX_SIZES`)."""
+
+
+def box_vocab(model_config: Any) -> BoxVocab | None:
+    """The box vocabulary of a tiny model's config (None for a model that writes its numbers)."""
+    if not hasattr(model_config, "pointer_grid"):
+        return None
+    return BoxVocab(model_config.pointer_grid, tuple(model_config.box_sizes))
 
 
 def task_source(spec: TaskSpec) -> TaskSource:
@@ -257,10 +271,12 @@ def _expand(item: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return item
 
 
-def stage_items(config: SFTConfig, stage_index: int, processor: Any) -> tuple[list[dict[str, torch.Tensor]], set[str]]:
-    """Synthesize and encode the traces of one stage; also return the sample ids they use."""
+def stage_items(config: SFTConfig, stage_index: int, processor: Any,
+                boxes: BoxVocab | None) -> tuple[list[dict[str, torch.Tensor]], set[str]]:
+    """Synthesize and encode the traces of one stage, boxes snapped to the box tokens of `boxes`
+    (None: written as numbers); also return the sample ids they use."""
     stage = config.stages[stage_index]
-    options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=config.chat_format,
+    options = TraceOptions(box_writer=None if boxes is None else BoxSnapper(boxes), chat_format=config.chat_format,
                            env_kwargs=dict(config.env_kwargs))
     traces = synthesize_traces(task_source(stage.tasks), stage.n_pixel, stage.n_text,
                                mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
@@ -433,7 +449,9 @@ def _build(config: SFTConfig) -> tuple[Any, Any]:
 
         return (AutoModelForImageTextToText.from_pretrained(config.init_from),
                 AutoProcessor.from_pretrained(config.init_from))
-    processor = build_tiny_processor()
+    boxes = BoxVocab(config.model.get("pointer_grid", DEFAULT_GRID),
+                     tuple(config.model.get("box_sizes", DEFAULT_BOX_SIZES)))
+    processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
     return build_tiny_model(processor, seed=config.seed, **config.model), processor
 
 
@@ -475,7 +493,7 @@ def _freeze(model: Any, prefixes: Sequence[str]) -> None:
 def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[float, list[str], dict[str, float]]:
     """Run `config.vision_pretrain`; returns its minutes, the sample ids of its crops and its last record."""
     pretrain = config.vision_pretrain
-    options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=config.chat_format,
+    options = TraceOptions(box_writer=BoxSnapper(box_vocab(model.config)), chat_format=config.chat_format,
                            env_kwargs=dict(config.env_kwargs))
     images, labels, ids = glyph_crops(task_source(pretrain.tasks or config.stages[0].tasks), pretrain.samples,
                                       config.seed * 1000 + 999,
@@ -515,15 +533,15 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     if pretrain_record is not None:
         logger.log(0, pretrain_record)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
-    neighbours = neighbour_boxes(BoxVocab(model.config.pointer_grid, tuple(model.config.box_sizes))) \
-        if config.pointer_smoothing > 0 and hasattr(model.config, "pointer_grid") else None
+    boxes = box_vocab(model.config)
+    neighbours = neighbour_boxes(boxes) if config.pointer_smoothing > 0 and boxes is not None else None
     pad_id = processor.tokenizer.pad_token_id
     stage_cache: dict[int, list[dict[str, torch.Tensor]]] = {}
     train_ids: set[str] = set(pretrain_ids)
 
     def items_of(index: int) -> list[dict[str, torch.Tensor]]:
         if index not in stage_cache:
-            stage_cache[index], used = stage_items(config, index, processor)
+            stage_cache[index], used = stage_items(config, index, processor, boxes)
             train_ids.update(used)
         return stage_cache[index]
 

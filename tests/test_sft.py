@@ -138,7 +138,7 @@ def test_batches_are_stateless_epochs_and_held_out_seeds_are_disjoint(tmp_path: 
     assert sorted(order) == list(range(6))
     assert batch_indices(6, 2, 0, 0, 4) == batch_indices(6, 2, 0, 0, 4)
     cfg = config(tmp_path)
-    _, used = stage_items(cfg, 0, build_tiny_processor())
+    _, used = stage_items(cfg, 0, build_tiny_processor(), BoxVocab())
     seed = int(next(iter(used)).split("/")[1])
     ids = eval_sample_ids(cfg.eval_tasks, 3, seed, used)
     assert len(ids) == 3 and not set(ids) & used
@@ -272,8 +272,8 @@ def test_reading_stage_trains_the_answer_of_question_and_crop_with_its_own_batch
     cfg = config(tmp_path, stages=[reading, SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=3,
                  checkpoint_every=0)
     processor = build_tiny_processor()
-    items, _ = stage_items(cfg, 0, processor)
-    traces, _ = stage_items(cfg, 1, processor)
+    items, _ = stage_items(cfg, 0, processor, BoxVocab())
+    traces, _ = stage_items(cfg, 1, processor, BoxVocab())
     for item in items:
         assert int(item["image_grid_thw"].shape[0]) == 1
         labelled = item["loss_mask"].nonzero().flatten()
@@ -284,3 +284,22 @@ def test_reading_stage_trains_the_answer_of_question_and_crop_with_its_own_batch
     assert [r["train/stage"] for r in rows] == [0, 0, 1]
     with pytest.raises(ValueError, match="batch_size"):
         SFTStage(batch_size=0)
+
+
+def test_a_finer_pointer_grid_trains_on_its_own_box_tokens_and_reloads(tmp_path: Path) -> None:
+    """``pointer_grid`` 28 in the model overrides: the processor carries its box tokens, the traces are
+    snapped to them, and the saved model and processor reload together."""
+    from transformers import AutoProcessor
+
+    cfg = config(tmp_path, stages=[SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=1,
+                 checkpoint_every=0, model={**SMALL, "pointer_grid": 28, "pointer_subcells": 2})
+    train_sft(cfg)
+    processor = AutoProcessor.from_pretrained(tmp_path / "final")
+    model = TransformersPolicy.from_pretrained(tmp_path / "final").model
+    boxes = BoxVocab(28)
+    assert model.config.num_boxes == len(boxes) and len(processor.tokenizer) == model.config.vocab_size
+    items, _ = stage_items(cfg, 0, processor, boxes)
+    start = model.config.box_token_start_id
+    assert all(int((item["input_ids"] >= start).sum()) == 1 for item in items)
+    written = processor.tokenizer.convert_ids_to_tokens([int(i) for i in items[0]["input_ids"] if i >= start])
+    assert written[0] in boxes.texts and written[0] not in BoxVocab().texts

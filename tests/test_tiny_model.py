@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from agents.vlm.chat import Conversation  # noqa: E402
+from agents.vlm.chat import Conversation, render_messages  # noqa: E402
 from agents.vlm.tiny import (  # noqa: E402
     BoxVocab, TinyVLMForConditionalGeneration, TinyVLMProcessor, build_tiny_model, build_tiny_processor,
 )
@@ -198,10 +198,38 @@ def test_box_tokens_come_from_the_pointer_and_decode_to_a_crop_call(model, proce
 
 
 def test_pointer_cells_map_onto_coarser_image_grids(model):
-    index = model.pointer.cell_index(7, 7, torch.device("cpu")).view(14, 14)
+    index, parts = model.pointer.cell_index(7, 7, torch.device("cpu"))
     rows, cols = torch.meshgrid(torch.arange(14), torch.arange(14), indexing="ij")
-    assert torch.equal(index, (rows // 2) * 7 + cols // 2)
-    assert torch.equal(model.pointer.cell_index(14, 14, torch.device("cpu")), torch.arange(196))
+    assert torch.equal(index.view(14, 14), (rows // 2) * 7 + cols // 2)
+    assert not parts.any()  # one key per image token by default
+    index, _ = model.pointer.cell_index(14, 14, torch.device("cpu"))
+    assert torch.equal(index, torch.arange(196))
+
+
+def test_pointer_subcells_tell_the_cells_within_one_image_token_apart(processor):
+    """``pointer_grid`` 28 over 14 x 14 image tokens with ``pointer_subcells`` 2: the four cells over
+    one token take its four keys, so their logits differ; the swapped-in box tokens round-trip."""
+    boxes = BoxVocab(28)
+    fine = build_tiny_processor(boxes=boxes)
+    assert fine.tokenizer("What digit?")["input_ids"] == processor.tokenizer("What digit?")["input_ids"]
+    model = build_tiny_model(fine, seed=0, hidden_size=64, intermediate_size=128, pointer_grid=28,
+                             pointer_subcells=2).eval()
+    index, parts = model.pointer.cell_index(14, 14, torch.device("cpu"))
+    rows, cols = torch.meshgrid(torch.arange(28), torch.arange(28), indexing="ij")
+    assert torch.equal(index.view(28, 28), (rows // 2) * 14 + cols // 2)
+    assert torch.equal(parts.view(28, 28), (rows % 2) * 2 + cols % 2)
+    image = np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    prompt = render_messages([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}])
+    inputs = fine(text=[prompt], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1, model.config.box_token_start_id:]
+    per_cell = logits.view(28, 28, 4)[..., 0]
+    assert len(logits) == len(boxes) and not torch.equal(per_cell[0::2, 0::2], per_cell[0::2, 1::2])
+    call = '{"bbox_2d": [' + boxes.texts[100] + "]}"
+    ids = fine.tokenizer(call)["input_ids"]
+    assert model.config.box_token_start_id + 100 in ids and fine.tokenizer.decode(ids) == call
+    with pytest.raises(Exception, match="pointer_subcells must be at least 1"):
+        build_tiny_model(fine, pointer_grid=28, pointer_subcells=0)
 
 
 def test_labels_give_the_shifted_cross_entropy(model, batch):

@@ -40,12 +40,19 @@ AutoImageProcessor.register(TinyVLMConfig, image_processor_classes={"pil": TinyV
 AutoProcessor.register(TinyVLMConfig, TinyVLMProcessor, exist_ok=True)
 
 
-def build_tiny_processor(tokenizer_path: str | Path = TOKENIZER_DIR, **image_options: Any) -> TinyVLMProcessor:
+def build_tiny_processor(tokenizer_path: str | Path = TOKENIZER_DIR, boxes: BoxVocab | None = None,
+                         **image_options: Any) -> TinyVLMProcessor:
     """The processor: the shipped tokenizer (or one at `tokenizer_path`) and an image processor.
 
-    `image_options` override `TinyVLMImageProcessor` defaults (``size``, ``patch_size``, ...).
+    `boxes` swaps in the box tokens of another pointer grid or box sizes (the model's
+    ``pointer_grid`` / ``box_sizes`` must match them). `image_options` override
+    `TinyVLMImageProcessor` defaults (``size``, ``patch_size``, ...).
     """
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_path))
+    if boxes is not None:
+        from agents.vlm.tiny.build_tokenizer import with_box_tokens
+
+        tokenizer = with_box_tokens(tokenizer, boxes)
     return TinyVLMProcessor(TinyVLMImageProcessor(**image_options), tokenizer, chat_template=tokenizer.chat_template)
 
 

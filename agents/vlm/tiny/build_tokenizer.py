@@ -22,7 +22,7 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -221,6 +221,31 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, boxes: 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="left",
         clean_up_tokenization_spaces=False, chat_template=QWEN2_VL_CHAT_TEMPLATE, model_max_length=8192,
+    )
+
+
+def with_box_tokens(tokenizer: Any, boxes: BoxVocab) -> Any:
+    """`tokenizer` (a tiny-model tokenizer) with its box tokens replaced by those of `boxes`.
+
+    The BPE part, the special tokens and the tool tags keep their ids; the new box tokens
+    come last, as `agents.vlm.tiny.tiny_config` expects. A model with another pointer grid
+    or other box sizes uses the shipped BPE this way, without retraining it.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    kept = [t for t in data["added_tokens"] if t["content"] in SPECIAL_TOKENS + TOOL_TAGS]
+    if len(kept) != len(SPECIAL_TOKENS + TOOL_TAGS):
+        raise ValueError("not a tiny-model tokenizer: its special tokens and tool tags are not all there")
+    first = max(t["id"] for t in kept) + 1
+    data["added_tokens"] = kept + [
+        {"id": first + i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": False} for i, text in enumerate(boxes.texts)]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        padding_side="left", clean_up_tokenization_spaces=False, chat_template=tokenizer.chat_template,
+        model_max_length=tokenizer.model_max_length,
     )
 
 

@@ -43,6 +43,9 @@ class TinyVLMConfig(PreTrainedConfig):
             without; docs/results.md). The added vector is the same on every cell of an
             image, so the pointer's choice among cells is unchanged by it.
         pointer_grid: cells per side of the box vocabulary's grid.
+        pointer_subcells: pointer keys per image token side: each image token gives
+            ``pointer_subcells**2`` keys, one per part, so a pointer grid finer than the token
+            grid (e.g. 28 over 14 x 14 tokens with 2) tells the cells within a token apart.
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
         box_token_start_id: id of the first box token; ``vocab_size - box_token_start_id``
@@ -70,6 +73,7 @@ class TinyVLMConfig(PreTrainedConfig):
     token_conv: bool = False
     image_summary: bool = False
     pointer_grid: int = DEFAULT_GRID
+    pointer_subcells: int = 1
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
     box_token_start_id: int | None = None
@@ -100,6 +104,8 @@ class TinyVLMConfig(PreTrainedConfig):
                              f"got {self.stem_channels}, {self.hidden_size}")
         if self.image_summary and self.hidden_size % 8:
             raise ValueError(f"image_summary needs hidden_size divisible by 8 (its GroupNorm groups), got {self.hidden_size}")
+        if self.pointer_subcells < 1:
+            raise ValueError(f"pointer_subcells must be at least 1, got {self.pointer_subcells}")
         if self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 (the stem halves it three times), got {self.patch_size}")
         if self.box_token_start_id is not None and self.vocab_size - self.box_token_start_id != self.num_boxes:

@@ -240,18 +240,36 @@ class TinyVLMPointerHead(nn.Module):
     def __init__(self, config: TinyVLMConfig) -> None:
         super().__init__()
         self.grid = config.pointer_grid
+        self.subcells = config.pointer_subcells
         self.num_sizes = len(config.box_sizes)
         self.query = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
-        self.key = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.key = nn.Linear(config.hidden_size, config.pointer_dim * self.subcells ** 2, bias=False)
         self.size = nn.Linear(config.hidden_size, self.num_sizes, bias=False)
         self.size_bias = nn.Parameter(torch.zeros(self.num_sizes))
 
-    def cell_index(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
-        """For each pointer cell (row-major), the index of the image token under its centre."""
+    def cell_index(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each pointer cell (row-major), the index of the image token under its centre and
+        which of that token's ``subcells x subcells`` parts the centre falls in (row-major)."""
         centres = (torch.arange(self.grid, device=device, dtype=torch.float32) + 0.5) / self.grid
-        rows = (centres * grid_h).long().clamp(max=grid_h - 1)
-        cols = (centres * grid_w).long().clamp(max=grid_w - 1)
-        return (rows[:, None] * grid_w + cols[None, :]).reshape(-1)
+
+        def split(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            position = centres * size
+            whole = position.long().clamp(max=size - 1)
+            return whole, ((position - whole) * self.subcells).long().clamp(0, self.subcells - 1)
+
+        (rows, sub_rows), (cols, sub_cols) = split(grid_h), split(grid_w)
+        tokens = (rows[:, None] * grid_w + cols[None, :]).reshape(-1)
+        parts = (sub_rows[:, None] * self.subcells + sub_cols[None, :]).reshape(-1)
+        return tokens, parts
+
+    def keys(self, states: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+        """``(B, cells, hidden)`` image-token states and ``(B, cells)`` part numbers -> ``(B, cells, dim)`` keys.
+
+        With ``pointer_subcells`` s > 1 an image token gives s*s keys, one per part, so that
+        the cells of a pointer grid finer than the token grid are told apart by content.
+        """
+        keys = self.key(states).unflatten(-1, (self.subcells ** 2, -1))
+        return keys.gather(2, parts[..., None, None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``(B, L, hidden)`` states and ``(B, cells, dim)`` keys -> ``(B, L, cells * sizes)`` logits."""
@@ -423,6 +441,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         """Pointer keys ``(B, cells, dim)`` from the states of each row's first image, and which rows have one."""
         batch = hidden.shape[0]
         keys = hidden.new_zeros(batch, self.config.pointer_grid ** 2, hidden.shape[-1])
+        parts = torch.zeros(batch, self.config.pointer_grid ** 2, dtype=torch.long, device=hidden.device)
         is_image = input_ids == self.config.image_token_id
         starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
         per_row = starts.sum(-1)
@@ -432,11 +451,11 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
             for b in torch.nonzero(valid).flatten().tolist():
                 _, grid_h, grid_w = (int(v) for v in image_grid_thw[first_image[b]])
                 start = int(starts[b].nonzero()[0])
-                index = start + self.pointer.cell_index(grid_h, grid_w, hidden.device)
-                keys[b] = hidden[b, index]
+                tokens, parts[b] = self.pointer.cell_index(grid_h, grid_w, hidden.device)
+                keys[b] = hidden[b, start + tokens]
         else:
             valid = torch.zeros_like(valid)
-        return self.pointer.key(keys), valid
+        return self.pointer.keys(keys, parts), valid
 
     @can_return_tuple
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
