@@ -680,7 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     fields = dict(PRESETS[args.preset])
     if args.config:
-        fields.update(json.loads(Path(args.config).read_text()))
+        overrides = json.loads(Path(args.config).read_text())
+        if overrides.get("init_from") is not None and "model" not in overrides:
+            fields.pop("model", None)  # the preset's fresh-model overrides do not apply to a saved model
+        fields.update(overrides)
     config = SFTConfig(**fields)
     config = replace(config, out=args.out, export_dir=args.export, resume=args.resume, progress=not args.no_progress,
                      max_minutes=args.max_minutes if args.max_minutes is not None else config.max_minutes,

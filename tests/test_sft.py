@@ -303,3 +303,21 @@ def test_a_finer_pointer_grid_trains_on_its_own_box_tokens_and_reloads(tmp_path:
     assert all(int((item["input_ids"] >= start).sum()) == 1 for item in items)
     written = processor.tokenizer.convert_ids_to_tokens([int(i) for i in items[0]["input_ids"] if i >= start])
     assert written[0] in boxes.texts and written[0] not in BoxVocab().texts
+
+
+def test_a_config_with_init_from_drops_the_presets_fresh_model_overrides(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import agents.sft as sft
+
+    seen = {}
+
+    def fake_train(cfg: SFTConfig) -> dict:
+        seen["config"] = cfg
+        return {"step": 0, "minutes": 0.0, "eval": {}}
+
+    monkeypatch.setattr(sft, "train_sft", fake_train)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"init_from": str(tmp_path / "model")}))
+    assert sft.main(["--out", str(tmp_path / "run"), "--config", str(path)]) == 0
+    assert seen["config"].init_from == str(tmp_path / "model") and seen["config"].model == {}
