@@ -57,8 +57,7 @@ from agents.vlm.chat import ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
 from agents.vlm.hf import TransformersPolicy
-from agents.vlm.tiny import BoxVocab, build_tiny_model, build_tiny_processor
-from agents.vlm.tiny.boxes import DEFAULT_BOX_SIZES, DEFAULT_GRID
+from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
 from pxr_env.tasks import MixtureSource, TaskSource
 from pxr_env.tasks.synthetic import FAMILIES
 
@@ -449,8 +448,7 @@ def _build(config: SFTConfig) -> tuple[Any, Any]:
 
         return (AutoModelForImageTextToText.from_pretrained(config.init_from),
                 AutoProcessor.from_pretrained(config.init_from))
-    boxes = BoxVocab(config.model.get("pointer_grid", DEFAULT_GRID),
-                     tuple(config.model.get("box_sizes", DEFAULT_BOX_SIZES)))
+    boxes = box_vocab(TinyVLMConfig(**config.model))
     processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
     return build_tiny_model(processor, seed=config.seed, **config.model), processor
 

@@ -198,8 +198,8 @@ class Trace:
 
         The system message, the first user message with the trace's last image (the final
         crop, or the original of a textual trace) in place of the original, and the final
-        assistant turn, the only piece trained. Video traces are refused. A reading stage of the SFT trains on these,
-        so that the loss is the answer alone (`agents.sft.SFTStage.reading`).
+        assistant turn, the only piece trained. Video traces are refused. A reading stage of
+        the SFT trains on these, so that the loss is the answer alone (`agents.sft.SFTStage.reading`).
         """
         messages = self.conversation.messages
         first = next(i for i, m in enumerate(messages) if m["role"] == "user")

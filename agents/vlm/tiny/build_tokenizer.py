@@ -202,7 +202,6 @@ def _segments(texts: Iterator[str], added: tuple[str, ...]) -> Iterator[str]:
 def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, boxes: BoxVocab | None = None):
     """Train the BPE and wrap it as a `PreTrainedTokenizerFast` with the chat template."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     boxes = boxes or BoxVocab()
     tok = Tokenizer(models.BPE())
@@ -218,8 +217,15 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, boxes: 
     tok.train_from_iterator(_segments(corpus(seed), added), trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TAGS + boxes.texts])
+    return _wrap(tok)
+
+
+def _wrap(backend: Any) -> Any:
+    """A `tokenizers.Tokenizer` as the tiny model's `PreTrainedTokenizerFast` (padding, end of turn, chat template)."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="left",
+        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="left",
         clean_up_tokenization_spaces=False, chat_template=QWEN2_VL_CHAT_TEMPLATE, model_max_length=8192,
     )
 
@@ -232,7 +238,6 @@ def with_box_tokens(tokenizer: Any, boxes: BoxVocab) -> Any:
     or other box sizes uses the shipped BPE this way, without retraining it.
     """
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     kept = [t for t in data["added_tokens"] if t["content"] in SPECIAL_TOKENS + TOOL_TAGS]
@@ -242,11 +247,7 @@ def with_box_tokens(tokenizer: Any, boxes: BoxVocab) -> Any:
     data["added_tokens"] = kept + [
         {"id": first + i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": False} for i, text in enumerate(boxes.texts)]
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-        padding_side="left", clean_up_tokenization_spaces=False, chat_template=tokenizer.chat_template,
-        model_max_length=tokenizer.model_max_length,
-    )
+    return _wrap(Tokenizer.from_str(json.dumps(data)))
 
 
 def main(argv: list[str] | None = None) -> None:
