@@ -51,13 +51,15 @@ from agents.logger import MetricLogger
 from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
 from agents.schedules import cosine_schedule
-from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from agents.traces import Trace, TraceMix, TraceOptions, play_traces, synthesize_traces
 from agents.vision_pretrain import VisionPretrainConfig, glyph_crops, pretrain_vision
 from agents.vlm.chat import ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
-from agents.vlm.hf import TransformersPolicy
+from agents.vlm.hf import TransformersPolicy, model_inputs, pad_items
 from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
+from pxr_env.actions import extract_answer
+from pxr_env.scoring import score_answer
 from pxr_env.tasks import MixtureSource, TaskSource
 from pxr_env.tasks.synthetic import FAMILIES
 
@@ -339,8 +341,13 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
     read from the last image) weigh `answer_weight` (the count stays the number of labelled tokens).
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
-    logits = model(**inputs).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
+    final_turn = final_turn_mask(labels) if answer_weight != 1.0 else None
+    # Logits only where some row has a label (the LM head over the whole vocabulary is a
+    # large share of a small model's step); position t predicts token t + 1.
+    positions = (labels != IGNORE_INDEX).any(0).nonzero().flatten()
+    logits = model(**inputs, logits_to_keep=positions).logits.float()
+    labels = labels[:, positions]
     keep = labels != IGNORE_INDEX
     logprobs = F.log_softmax(logits[keep], dim=-1)
     targets = labels[keep]
@@ -357,8 +364,8 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
             nll[is_box] = (1 - pointer_smoothing) * nll[is_box] + pointer_smoothing * smooth
     if pointer_weight != 1.0 and start is not None:
         nll = torch.where(targets >= start, pointer_weight * nll, nll)
-    if answer_weight != 1.0:
-        nll = torch.where(final_turn_mask(labels)[keep], answer_weight * nll, nll)
+    if final_turn is not None:
+        nll = torch.where(final_turn[:, positions][keep], answer_weight * nll, nll)
     return nll.sum(), int(keep.sum())
 
 
@@ -377,16 +384,48 @@ def eval_sample_ids(tasks: TaskSpec, n_per_family: int, first_seed: int, exclude
     return ids
 
 
+@torch.no_grad()
+def oracle_op_scores(model: Any, processor: Any, traces: Sequence[Trace], source: TaskSource,
+                     batch_size: int = 16, max_new_tokens: int = 32) -> list[float]:
+    """Reading apart from pointing: each trace is given up to its final turn (the oracle's
+    operations and what they returned), the final turn is generated greedily and scored
+    against the sample's answers. One score per trace, in order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    scores = []
+    try:
+        for start in range(0, len(traces), batch_size):
+            chunk = traces[start:start + batch_size]
+            items = [encode_segments(processor, t.segments()[:-1], t.images) for t in chunk]
+            inputs = model_inputs(pad_items(processor, items, "left"), device)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+            for trace, ids in zip(chunk, out[:, inputs["input_ids"].shape[1]:]):
+                answer = extract_answer(processor.tokenizer.decode(ids, skip_special_tokens=True))
+                sample = source.get(trace.sample_id)
+                scores.append(0.0 if answer is None else
+                              score_answer(answer, sample.answers, sample.answer_type, sample.choices))
+    finally:
+        model.train(was_training)
+    return scores
+
+
 def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpec, sample_ids: Sequence[str],
              batch_size: int = 16, max_new_tokens: int = 96, progress: bool = False,
-             env_kwargs: Mapping[str, Any] | None = None) -> dict[str, float]:
+             env_kwargs: Mapping[str, Any] | None = None, oracle_ops: bool = True) -> dict[str, float]:
     """Closed-loop greedy evaluation: the model plays `sample_ids` in the env; metrics per family and overall.
 
     Keys: ``accuracy``, ``rapr``, ``mean_ops``, ``op_error_rate``, ``crop_iou``, ``crop_hit``,
     ``answered``, ``acc_with_ops`` / ``acc_without_ops`` (accuracy of the episodes that did /
     did not run an operation), ``acc_when_hit`` (accuracy of the episodes whose last crop held
-    the evidence: reading, apart from pointing), each also as ``<family>/<key>``. The model is
-    left in train mode.
+    the evidence), each also as ``<family>/<key>``. With `oracle_ops`, also
+    ``acc_oracle_ops``: the accuracy of answers given after the oracle's single operation
+    and its output (an ``image/single`` or ``video/single`` trace with the model's box
+    writing, `oracle_op_scores`) on the same samples where one can be played: reading apart
+    from pointing, on every sample rather than on the model's hits only. The model is left
+    in train mode.
     """
     was_training = model.training
     policy = TransformersPolicy(model, processor, temperature=0.0, max_new_tokens=max_new_tokens,
@@ -415,6 +454,17 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
         hit = [float(i["score"]) for i in rows if i.get("crop_hit")]
         metrics["acc_when_hit"] = sum(hit) / len(hit) if hit else None
         out.update({f"{name}{k}": v for k, v in metrics.items() if v is not None})
+    if oracle_ops:
+        boxes = box_vocab(model.config)
+        options = TraceOptions(box_writer=None if boxes is None else BoxSnapper(boxes), chat_format=chat_format,
+                               env_kwargs=dict(env_kwargs or {}))
+        traces = play_traces(source, sample_ids, options=options)
+        scores = oracle_op_scores(model, processor, traces, source, batch_size)
+        for name, pick in [("", lambda t: True)] + [(f"{fam}/", lambda t, f=fam: t.info["family"] == f)
+                                                     for fam in {t.info["family"] for t in traces}]:
+            chosen = [s for t, s in zip(traces, scores) if pick(t)]
+            if chosen:
+                out[f"{name}acc_oracle_ops"] = sum(chosen) / len(chosen)
     return out
 
 

@@ -698,6 +698,34 @@ def _run_chunk(task_source: TaskSource, jobs: Sequence[_Job], options: TraceOpti
         env.close()
 
 
+def play_traces(task_source: Any, sample_ids: Sequence[str], image_kind: str = "image/single",
+                video_kind: str = "video/single", options: TraceOptions | None = None,
+                seed: int = 0) -> list[Trace]:
+    """Play one trace on each of `sample_ids` (`image_kind` or `video_kind` by modality), in order.
+
+    For measuring on chosen (e.g. held-out) samples; the samples the script cannot play (no
+    evidence, the env disagrees) are left out, so the result may be shorter than `sample_ids`.
+    """
+    if image_kind not in IMAGE_KINDS or video_kind not in VIDEO_KINDS:
+        raise ValueError(f"image_kind must be one of {IMAGE_KINDS} and video_kind one of {VIDEO_KINDS}, "
+                         f"got {image_kind!r}, {video_kind!r}")
+    options = options or TraceOptions()
+    held = _HeldSource(make_task_source(task_source))
+    env = PixelQAEnv(tasks=held, action_mode="text", **dict(options.env_kwargs))
+    traces = []
+    try:
+        for i, sample_id in enumerate(sample_ids):
+            held.held = sample = held.source.get(sample_id)
+            kind = video_kind if sample.is_video else image_kind
+            try:
+                traces.append(_play(env, sample, kind, options, np.random.default_rng([seed, i])))
+            except _Infeasible:
+                continue
+    finally:
+        env.close()
+    return traces
+
+
 def _quota(n: int, shares: Mapping[str, float]) -> list[str]:
     """`n` kinds in the proportions `shares` (largest remainder), in the order of `shares`."""
     names = list(shares)

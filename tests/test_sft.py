@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from agents.logger import read_metrics
 from agents.sft import (
-    SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, neighbour_boxes, sft_loss_sum, snap_to_box_tokens, stage_items,
-    train_sft,
+    SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, neighbour_boxes, oracle_op_scores, sft_loss_sum,
+    snap_to_box_tokens, stage_items, task_source, train_sft,
 )
-from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from agents.traces import TraceMix, TraceOptions, play_traces, synthesize_traces
 from agents.vlm.chat import ChatFormat, load_chat_format
 from agents.vlm.encoding import collate, encode_segments
 from agents.vlm.hf import TransformersPolicy
@@ -127,7 +127,7 @@ def test_eval_hook_reports_closed_loop_metrics(tmp_path: Path) -> None:
                               eval_every=1, eval_samples=2, checkpoint_every=0),
                        on_eval=lambda step, metrics: seen.append((step, metrics)))
     assert [s for s, _ in seen] == [1, 2]
-    for key in ("accuracy", "rapr", "answered", "zoom-read/accuracy"):
+    for key in ("accuracy", "rapr", "answered", "zoom-read/accuracy", "acc_oracle_ops", "zoom-read/acc_oracle_ops"):
         assert 0.0 <= result["eval"][key] <= 1.0
     logged = [r for r in read_metrics(tmp_path) if "eval/accuracy" in r]
     assert [r["step"] for r in logged] == [1, 2]
@@ -153,8 +153,13 @@ def test_final_turn_mask_marks_the_last_labelled_run() -> None:
 
 
 def test_answer_weight_scales_only_the_final_turn() -> None:
+    """Also: the loss from the logits of labelled positions only equals the one from all logits,
+    on a batch whose rows are labelled at different positions (row 2 stops at the crop turn, so
+    no row is labelled over row 1's tool output)."""
     processor, model, trace = _small_model_and_trace()
-    batch = collate([encode_segments(processor, trace.segments(), trace.images)], processor.tokenizer.pad_token_id)
+    rows = [encode_segments(processor, trace.segments(), trace.images),
+            encode_segments(processor, trace.segments()[:2], trace.images[:1])]
+    batch = collate(rows, processor.tokenizer.pad_token_id)
     from agents.sft import final_turn_mask
 
     with torch.no_grad():
@@ -321,3 +326,32 @@ def test_a_config_with_init_from_drops_the_presets_fresh_model_overrides(tmp_pat
     path.write_text(json.dumps({"init_from": str(tmp_path / "model")}))
     assert sft.main(["--out", str(tmp_path / "run"), "--config", str(path)]) == 0
     assert seen["config"].init_from == str(tmp_path / "model") and seen["config"].model == {}
+
+
+class _Answers(torch.nn.Module):
+    """Wraps a model; `generate` appends the given turns (one per row, in call order) to the prompts."""
+
+    def __init__(self, model, processor, turns: list[str]) -> None:
+        super().__init__()
+        self.model, self.config, self.processor, self.turns = model, model.config, processor, list(turns)
+
+    def generate(self, input_ids, **kwargs):
+        rows = [self.processor.tokenizer.encode(self.turns.pop(0), add_special_tokens=False) for _ in input_ids]
+        width = max(map(len, rows))
+        pad = self.processor.tokenizer.pad_token_id
+        new = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_oracle_op_scores_score_each_rows_generated_final_turn() -> None:
+    processor, model, _ = _small_model_and_trace()
+    source = task_source(ZOOM_EASY)
+    ids = [f"zoom-read/{i}" for i in range(20, 25)]
+    traces = play_traces(source, ids, options=TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat()))
+    assert [t.sample_id for t in traces] == ids and all(t.kind == "image/single" for t in traces)
+    finals = [t.segments()[-1][0] for t in traces]
+    assert oracle_op_scores(_Answers(model, processor, finals), processor, traces, source, batch_size=2) == [1.0] * 5
+    wrong = ["The answer is \\boxed{%%}.<|im_end|>", "no answer<|im_end|>"] + finals[2:]
+    assert oracle_op_scores(_Answers(model, processor, wrong), processor, traces, source, batch_size=3) == [0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="image_kind must be one of"):
+        play_traces(source, ids, image_kind="image/none")

@@ -329,3 +329,32 @@ def test_image_summary_reaches_every_token_and_round_trips(processor, batch, tmp
     _assert_round_trips(model, batch, tmp_path)
     with pytest.raises(Exception, match="image_summary needs hidden_size divisible by 8"):
         build_tiny_model(processor, hidden_size=60, num_attention_heads=2, image_summary=True)
+
+
+def test_pointer_stem_starts_at_zero_learns_with_a_frozen_encoder_and_round_trips(processor, batch, tmp_path):
+    """``pointer_stem``: the keys start as without it, its gradient flows with the encoder frozen."""
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, pointer_stem=True)
+    plain = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128)
+    assert not model.pointer.stem_out.weight.any() and plain.pointer.stem is None
+    plain.load_state_dict(model.state_dict(), strict=False)
+    _, inputs = batch
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, plain.eval()(**inputs).logits)
+    model.train()
+    for p in model.model.vision.parameters():
+        p.requires_grad_(False)
+    start = model.config.box_token_start_id
+    for _ in range(2):  # stem_out moves first, then the stem behind it gets a gradient
+        model.zero_grad()
+        logits = model(**inputs).logits[:, -1, start:]
+        torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long)).backward()
+        with torch.no_grad():
+            for p in model.pointer.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+    assert model.pointer.stem_out.weight.any() and model.pointer.stem[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.model.vision.parameters())
+    _assert_round_trips(model.eval(), batch, tmp_path)
+    with pytest.raises(ValueError, match="pointer stem needs the pixel_values"):
+        model.image_one_keys(torch.zeros(1, 3, 64), torch.tensor([[model.config.image_token_id] * 3]),
+                             torch.tensor([[1, 1, 3]]), None)

@@ -46,6 +46,12 @@ class TinyVLMConfig(PreTrainedConfig):
         pointer_subcells: pointer keys per image token side: each image token gives
             ``pointer_subcells**2`` keys, one per part, so a pointer grid finer than the token
             grid (e.g. 28 over 14 x 14 tokens with 2) tells the cells within a token apart.
+        pointer_stem: give the pointer head a conv stem of its own (the same layout as
+            the image encoder's) over image 1's pixels, added to the states its keys are
+            made from through a projection that starts at zero. Pointing finds a tag by
+            its colour and shape while reading names its glyph; with this, the image
+            encoder can be frozen after glyph pretraining and pointing still has
+            trainable features (docs/results.md).
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
         box_token_start_id: id of the first box token; ``vocab_size - box_token_start_id``
@@ -74,6 +80,7 @@ class TinyVLMConfig(PreTrainedConfig):
     image_summary: bool = False
     pointer_grid: int = DEFAULT_GRID
     pointer_subcells: int = 1
+    pointer_stem: bool = False
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
     box_token_start_id: int | None = None

@@ -159,6 +159,44 @@ class TinyVLMLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def conv_stem(config: TinyVLMConfig) -> nn.Sequential:
+    """Whole images -> token grid ``(n, hidden, h, w)``: three stride-2 3x3 convs, a patch-sized
+    stride conv (one token per patch), optionally a 3x3 conv over the token grid, GELUs between
+    and, with ``stem_norm``, a GroupNorm after each conv but the last."""
+    c = config.stem_channels
+    convs = [nn.Conv2d(3, c, 3, stride=2, padding=1), nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+             nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1),
+             nn.Conv2d(4 * c, config.hidden_size, config.patch_size // 8, stride=config.patch_size // 8)]
+    if config.token_conv:
+        convs.append(nn.Conv2d(config.hidden_size, config.hidden_size, 3, padding=1))
+    layers: list[nn.Module] = []
+    for conv in convs[:-1]:
+        layers += [conv, *((nn.GroupNorm(8, conv.out_channels),) if config.stem_norm else ()), nn.GELU()]
+    return nn.Sequential(*layers, convs[-1])
+
+
+def images_by_grid(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, patch_size: int
+                   ) -> list[tuple[list[int], tuple[int, int, int], torch.Tensor]]:
+    """Qwen-layout patches put back into whole images, batched by grid size.
+
+    Returns ``(image indices, (t, h, w), images (n * t, 3, h * p, w * p))`` per distinct grid.
+    """
+    p = patch_size
+    grids = [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
+    counts = [t * h * w for t, h, w in grids]
+    if sum(counts) != pixel_values.shape[0]:
+        raise ValueError(f"image_grid_thw describes {sum(counts)} patches but pixel_values has {pixel_values.shape[0]}")
+    pieces = pixel_values.split(counts)
+    by_grid: dict[tuple[int, int, int], list[int]] = {}
+    for i, grid in enumerate(grids):
+        by_grid.setdefault(grid, []).append(i)
+    batches = []
+    for (t, h, w), indices in by_grid.items():
+        images = torch.stack([pieces[i] for i in indices]).view(len(indices) * t, h, w, 3, p, p)
+        batches.append((indices, (t, h, w), images.permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, h * p, w * p)))
+    return batches
+
+
 class TinyVLMImageSummary(nn.Module):
     """One vector per image from its token grid: two stride-2 3x3 convs (GroupNorm, GELU), max-pooled.
 
@@ -189,18 +227,9 @@ class TinyVLMVisionEncoder(nn.Module):
 
     def __init__(self, config: TinyVLMConfig) -> None:
         super().__init__()
-        c = config.stem_channels
         self.patch_size = config.patch_size
         self.ref_grid = config.pointer_grid
-        convs = [nn.Conv2d(3, c, 3, stride=2, padding=1), nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
-                 nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1),
-                 nn.Conv2d(4 * c, config.hidden_size, config.patch_size // 8, stride=config.patch_size // 8)]
-        if config.token_conv:
-            convs.append(nn.Conv2d(config.hidden_size, config.hidden_size, 3, padding=1))
-        layers: list[nn.Module] = []
-        for conv in convs[:-1]:
-            layers += [conv, *((nn.GroupNorm(8, conv.out_channels),) if config.stem_norm else ()), nn.GELU()]
-        self.stem = nn.Sequential(*layers, convs[-1])
+        self.stem = conv_stem(config)
         self.summary = TinyVLMImageSummary(config.hidden_size) if config.image_summary else None
         self.patch_norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layers = nn.ModuleList(TinyVLMLayer(config) for _ in range(config.vision_num_layers))
@@ -208,19 +237,8 @@ class TinyVLMVisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """``(total_patches, 3 * p * p)`` patches -> ``(total_patches, hidden)`` image tokens, in order."""
-        p = self.patch_size
-        grids = [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
-        counts = [t * h * w for t, h, w in grids]
-        if sum(counts) != pixel_values.shape[0]:
-            raise ValueError(f"image_grid_thw describes {sum(counts)} patches but pixel_values has {pixel_values.shape[0]}")
-        pieces = list(pixel_values.split(counts))
-        by_grid: dict[tuple[int, int, int], list[int]] = {}
-        for i, grid in enumerate(grids):
-            by_grid.setdefault(grid, []).append(i)
-        for (t, h, w), indices in by_grid.items():
-            n = len(indices) * t
-            images = torch.stack([pieces[i] for i in indices]).view(n, h, w, 3, p, p)
-            images = images.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, h * p, w * p)
+        pieces: list[torch.Tensor] = [pixel_values[:0]] * image_grid_thw.shape[0]
+        for indices, (t, h, w), images in images_by_grid(pixel_values, image_grid_thw, self.patch_size):
             grid = self.stem(images)
             if self.summary is not None:
                 grid = grid + self.summary(grid)[:, :, None, None]
@@ -235,10 +253,19 @@ class TinyVLMVisionEncoder(nn.Module):
 
 
 class TinyVLMPointerHead(nn.Module):
-    """Box-token logits: pointer (query . key over image 1's cells) plus a size logit."""
+    """Box-token logits: pointer (query . key over image 1's cells) plus a size logit.
+
+    With ``pointer_stem`` the head has its own conv stem over image 1's pixels; its token
+    grid, through ``stem_out`` (zero at the start), is added to the decoder states the keys
+    are made from. Pointing then has features of its own to shape while the image encoder
+    (and so what the decoder reads) stays as it is, e.g. frozen after vision pretraining.
+    """
 
     def __init__(self, config: TinyVLMConfig) -> None:
         super().__init__()
+        self.patch_size = config.patch_size
+        self.stem = conv_stem(config) if config.pointer_stem else None
+        self.stem_out = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.pointer_stem else None
         self.grid = config.pointer_grid
         self.subcells = config.pointer_subcells
         self.num_sizes = len(config.box_sizes)
@@ -261,6 +288,19 @@ class TinyVLMPointerHead(nn.Module):
         tokens = (rows[:, None] * grid_w + cols[None, :]).reshape(-1)
         parts = (sub_rows[:, None] * self.subcells + sub_cols[None, :]).reshape(-1)
         return tokens, parts
+
+    def pixel_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                       which: list[int]) -> list[torch.Tensor]:
+        """The stem's ``(h * w, hidden)`` token features of the images numbered ``which``."""
+        counts = [int(t * h * w) for t, h, w in image_grid_thw.tolist()]
+        starts = [sum(counts[:i]) for i in which]
+        chosen = torch.cat([pixel_values[s:s + counts[i]] for s, i in zip(starts, which)])
+        features: list[torch.Tensor] = [chosen[:0]] * len(which)
+        for indices, _, images in images_by_grid(chosen, image_grid_thw[which], self.patch_size):
+            grid = self.stem_out(self.stem(images).flatten(2).transpose(1, 2))
+            for j, i in enumerate(indices):
+                features[i] = grid[j]
+        return features
 
     def keys(self, states: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
         """``(B, cells, hidden)`` image-token states and ``(B, cells)`` part numbers -> ``(B, cells, dim)`` keys.
@@ -297,6 +337,8 @@ class TinyVLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, TinyVLMPointerHead):
             # Start with as much mass on all box tokens together as on one ordinary token.
             init.constant_(module.size_bias, -math.log(self.config.num_boxes))
+            if module.stem_out is not None:
+                init.zeros_(module.stem_out.weight)
 
 
 class TinyVLMModel(TinyVLMPreTrainedModel):
@@ -436,8 +478,8 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         cache.batch_repeat_interleave(batch_size)
         return cache
 
-    def image_one_keys(self, hidden: torch.Tensor, input_ids: torch.Tensor,
-                       image_grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_one_keys(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                       pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pointer keys ``(B, cells, dim)`` from the states of each row's first image, and which rows have one."""
         batch = hidden.shape[0]
         keys = hidden.new_zeros(batch, self.config.pointer_grid ** 2, hidden.shape[-1])
@@ -448,11 +490,18 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         valid = per_row > 0
         if image_grid_thw is not None and bool(valid.any()):
             first_image = (per_row.cumsum(0) - per_row).tolist()
-            for b in torch.nonzero(valid).flatten().tolist():
+            rows = torch.nonzero(valid).flatten().tolist()
+            pixel = None
+            if self.pointer.stem is not None:
+                if pixel_values is None:
+                    raise ValueError("the pointer stem needs the pixel_values of the images in input_ids")
+                pixel = self.pointer.pixel_features(pixel_values.to(hidden.dtype), image_grid_thw,
+                                                    [first_image[b] for b in rows])
+            for j, b in enumerate(rows):
                 _, grid_h, grid_w = (int(v) for v in image_grid_thw[first_image[b]])
                 start = int(starts[b].nonzero()[0])
                 tokens, parts[b] = self.pointer.cell_index(grid_h, grid_w, hidden.device)
-                keys[b] = hidden[b, start + tokens]
+                keys[b] = hidden[b, start + tokens] + (pixel[j][tokens] if pixel is not None else 0)
         else:
             valid = torch.zeros_like(valid)
         return self.pointer.keys(keys, parts), valid
@@ -483,7 +532,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 pointer_keys = hidden.new_zeros(hidden.shape[0], self.config.pointer_grid ** 2, self.config.pointer_dim)
                 pointer_valid = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
             else:
-                pointer_keys, pointer_valid = self.image_one_keys(hidden, input_ids, image_grid_thw)
+                pointer_keys, pointer_valid = self.image_one_keys(hidden, input_ids, image_grid_thw, pixel_values)
         elif pointer_valid is None:
             raise ValueError("pointer_keys need pointer_valid (both come in the model's output)")
         hidden = slice_logits_to_keep(hidden, logits_to_keep)

@@ -1,0 +1,81 @@
+"""Time of one SFT step with logits at labelled positions only, against logits everywhere.
+
+The warm start's loss needs the next-token distribution only where a label is; the output
+layer over the whole vocabulary is a large share of a small model's step, and with the
+28-grid box vocabulary (3,136 box tokens, whose logits come from the pointer head) more so.
+`agents.sft.sft_loss_sum` asks the model for logits at the positions where some row of
+the batch has a label (``logits_to_keep``); this compares it with the same loss computed
+from the logits of every position, in one run, as a ratio (machines here are noisy).
+
+    python benchmarks/sft_step.py --grid 28 --subcells 2 --repeats 10
+
+Prints the median forward + backward time of both and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from agents.sft import BoxSnapper, sft_loss_sum
+from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from agents.vlm.chat import ChatFormat
+from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
+from agents.vlm.tiny import BoxVocab, build_tiny_model, build_tiny_processor
+
+SHIPPED = {"hidden_size": 128, "intermediate_size": 384, "vision_num_layers": 1, "token_conv": True,
+           "stem_norm": True, "image_summary": True}
+
+
+def full_logits_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same summed cross-entropy from the logits of every position."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    return F.cross_entropy(logits[keep], labels[keep], reduction="sum")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", type=int, default=28)
+    parser.add_argument("--subcells", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    boxes = BoxVocab(args.grid)
+    processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
+    model = build_tiny_model(processor, seed=0, pointer_grid=args.grid, pointer_subcells=args.subcells, **SHIPPED)
+    chat = ChatFormat(system="You are a visual agent. Zoom in with crop_image when a detail is small.",
+                      question_first=True)
+    traces = synthesize_traces("zoom-read", args.batch_size, 0, mix=TraceMix(image={"image/single": 1.0}, video_share=0.0),
+                               seed=0, options=TraceOptions(box_writer=BoxSnapper(boxes), chat_format=chat), progress=False)
+    batch = collate([encode_segments(processor, t.segments(), t.images) for t in traces], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        kept, _ = sft_loss_sum(model, batch)
+        torch.testing.assert_close(kept, full_logits_loss(model, batch), rtol=1e-4, atol=1e-3)
+    times: dict[str, list[float]] = {"labelled positions": [], "all positions": []}
+    for _ in range(args.repeats):
+        for name, loss_of in (("labelled positions", lambda: sft_loss_sum(model, batch)[0]),
+                              ("all positions", lambda: full_logits_loss(model, batch))):
+            model.zero_grad()
+            start = time.perf_counter()
+            loss_of().backward()
+            times[name].append(time.perf_counter() - start)
+    length = batch["input_ids"].shape[1]
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).any(0).sum())
+    print(f"grid {args.grid}, batch {args.batch_size} x {length} tokens, {labelled} positions with a label in some row")
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, value in medians.items():
+        print(f"  {name:20s} {value * 1000:7.1f} ms per forward + backward")
+    print(f"  ratio (labelled / all): {medians['labelled positions'] / medians['all positions']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
