@@ -129,6 +129,10 @@ class SFTStage:
     learns to read through its decoder far sooner when the loss is the answer (docs/results.md)."""
     batch_size: int | None = None
     """Sequences per micro-batch in this stage (None: `SFTConfig.batch_size`); reading items are short."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name prefixes held fixed during this stage only (on top of `SFTConfig.freeze`),
+    e.g. ``["pointer.stem"]`` in a reading stage, whose items have no box to point at: the
+    pointer stem then costs a forward pass only (docs/results.md)."""
 
     def __post_init__(self) -> None:
         task_source(self.tasks)
@@ -527,14 +531,20 @@ def _stage_at(config: SFTConfig, step: int, minutes: float, starts: list[int]) -
     return index
 
 
-def _freeze(model: Any, prefixes: Sequence[str]) -> None:
-    """Keep the parameters whose names start with one of `prefixes` fixed; each prefix must match."""
+def _matching(model: Any, prefixes: Sequence[str]) -> set[str]:
+    """Names of the parameters that start with one of `prefixes`; each prefix must match one."""
     names = [name for name, _ in model.named_parameters()]
     unknown = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
     if unknown:
         raise ValueError(f"freeze prefixes {unknown} match no parameter of the model")
+    return {name for name in names if any(name.startswith(prefix) for prefix in prefixes)}
+
+
+def _freeze(model: Any, prefixes: Sequence[str]) -> None:
+    """Keep the parameters whose names start with one of `prefixes` fixed; each prefix must match."""
+    frozen = _matching(model, prefixes)
     for name, param in model.named_parameters():
-        if any(name.startswith(prefix) for prefix in prefixes):
+        if name in frozen:
             param.requires_grad_(False)
 
 
@@ -567,7 +577,9 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     if config.vision_pretrain is not None and latest is None:
         pretrain_minutes, pretrain_ids, pretrain_record = _pretrain_vision(config, model, processor)
     _freeze(model, ["model.vision."] * config.freeze_vision + list(config.freeze))
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = list(trainable.values())
+    stage_frozen = [_matching(model, stage.freeze) for stage in config.stages]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, round(config.warmup_ratio * config.max_steps), config.max_steps,
                                 config.min_lr_ratio)
@@ -614,6 +626,8 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
             break
         index = _stage_at(config, step, minutes - pretrain_minutes, starts)
         items = items_of(index)
+        for name, param in trainable.items():
+            param.requires_grad_(name not in stage_frozen[index])
         tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         batch_size = config.stages[index].batch_size or config.batch_size

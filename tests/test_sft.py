@@ -271,6 +271,24 @@ def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(tmp_path: Path)
         train_sft(config(tmp_path / "bad", freeze=["model.visoin"], max_steps=1))
 
 
+def test_a_stage_freeze_holds_its_prefixes_during_that_stage_only(tmp_path: Path) -> None:
+    fresh = build_tiny_model(build_tiny_processor(), seed=0, **SMALL).state_dict()
+    stages = [SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE, steps=2, freeze=["pointer.key"]),
+              SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)]
+
+    def moved_after(steps: int, out: Path) -> set[str]:
+        train_sft(config(out, stages=stages, max_steps=steps, checkpoint_every=0))
+        trained = load_file(str(out / "final" / "model.safetensors"))
+        return {k for k, v in fresh.items() if k in trained and not torch.equal(v, trained[k])}
+
+    first = moved_after(2, tmp_path / "first")
+    assert "pointer.query.weight" in first and "pointer.key.weight" not in first
+    assert "pointer.key.weight" in moved_after(4, tmp_path / "both")
+    bad = [SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE, freeze=["pointer.kee"])]
+    with pytest.raises(ValueError, match="match no parameter"):
+        train_sft(config(tmp_path / "bad", stages=bad, max_steps=1))
+
+
 def test_reading_stage_trains_the_answer_of_question_and_crop_with_its_own_batch(tmp_path: Path) -> None:
     """A ``reading`` stage encodes `Trace.reading` items (one image, the answer labelled) and uses its batch size."""
     reading = SFTStage(tasks=ZOOM_EASY, n_pixel=3, image_mix=SINGLE, steps=2, reading=True, batch_size=3)
