@@ -53,7 +53,7 @@ from agents.rollout import collect
 from agents.schedules import cosine_schedule
 from agents.traces import Trace, TraceMix, TraceOptions, play_traces, synthesize_traces
 from agents.vision_pretrain import VisionPretrainConfig, glyph_crops, pretrain_vision
-from agents.vlm.chat import ChatFormat, save_chat_format
+from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
 from agents.vlm.hf import TransformersPolicy, model_inputs, pad_items
@@ -397,7 +397,7 @@ def oracle_op_scores(model: Any, processor: Any, traces: Sequence[Trace], source
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end = processor.tokenizer.convert_tokens_to_ids(IM_END)
     scores = []
     try:
         for start in range(0, len(traces), batch_size):
@@ -464,11 +464,10 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
                                env_kwargs=dict(env_kwargs or {}))
         traces = play_traces(source, sample_ids, options=options)
         scores = oracle_op_scores(model, processor, traces, source, batch_size)
-        for name, pick in [("", lambda t: True)] + [(f"{fam}/", lambda t, f=fam: t.info["family"] == f)
-                                                     for fam in {t.info["family"] for t in traces}]:
-            chosen = [s for t, s in zip(traces, scores) if pick(t)]
-            if chosen:
-                out[f"{name}acc_oracle_ops"] = sum(chosen) / len(chosen)
+        groups: dict[str, list[float]] = {"": scores} if scores else {}
+        for trace, score in zip(traces, scores):
+            groups.setdefault(f"{trace.info['family']}/", []).append(score)
+        out.update({f"{name}acc_oracle_ops": sum(group) / len(group) for name, group in groups.items()})
     return out
 
 

@@ -292,9 +292,8 @@ class TinyVLMPointerHead(nn.Module):
     def pixel_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                        which: list[int]) -> list[torch.Tensor]:
         """The stem's ``(h * w, hidden)`` token features of the images numbered ``which``."""
-        counts = [int(t * h * w) for t, h, w in image_grid_thw.tolist()]
-        starts = [sum(counts[:i]) for i in which]
-        chosen = torch.cat([pixel_values[s:s + counts[i]] for s, i in zip(starts, which)])
+        pieces = pixel_values.split([int(t * h * w) for t, h, w in image_grid_thw.tolist()])
+        chosen = torch.cat([pieces[i] for i in which])
         features: list[torch.Tensor] = [chosen[:0]] * len(which)
         for indices, _, images in images_by_grid(chosen, image_grid_thw[which], self.patch_size):
             grid = self.stem_out(self.stem(images).flatten(2).transpose(1, 2))
