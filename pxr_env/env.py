@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import gymnasium as gym
 import numpy as np
@@ -102,7 +102,8 @@ class PixelQAEnv(gym.Env):
 
     **Arguments.** `tasks`: see `pxr_env.tasks.make_task_source`. `action_mode`: "text" or
     "structured". `pixel_bounds`: "tiny" (default, small models on a CPU), "train" or
-    "eval" (the released bounds for Qwen2.5-VL) or a `PixelBounds`. `max_ops`,
+    "eval" (the released bounds for Qwen2.5-VL), a `PixelBounds`, or a mapping that
+    changes a preset (`ops.PixelBounds.resolve`; it can be saved in env settings). `max_ops`,
     `max_images`: the limits. `max_turn_chars`: longer text turns are an error.
     `zero_reward_on_unfixed_error`: see Rewards. `crop_padding` (0.1, a fraction of
     the side added around every crop box) and `min_crop_side` (28 px): the released crop
@@ -114,7 +115,7 @@ class PixelQAEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 1}
 
     def __init__(self, tasks: Any = "synthetic", action_mode: str = "text",
-                 pixel_bounds: str | ops.PixelBounds = "tiny", max_ops: int = 4, max_images: int = 16,
+                 pixel_bounds: str | ops.PixelBounds | Mapping[str, Any] = "tiny", max_ops: int = 4, max_images: int = 16,
                  max_turn_chars: int = 65_536, zero_reward_on_unfixed_error: bool = False,
                  view_size: int = 224, question_bytes: int = 256, box_grid: int = 20, max_answer: int = 26,
                  num_frames: int = 16, crop_padding: float = ops.CROP_PADDING, min_crop_side: int = ops.MIN_CROP_SIDE,
@@ -133,9 +134,7 @@ class PixelQAEnv(gym.Env):
         if on_media_error not in ("raise", "skip"):
             raise ValueError(f"on_media_error must be 'raise' or 'skip', got {on_media_error!r}")
         self.task_source = make_task_source(tasks)
-        self.bounds = ops.PixelBounds.preset(pixel_bounds) if isinstance(pixel_bounds, str) else pixel_bounds
-        if not isinstance(self.bounds, ops.PixelBounds):
-            raise ValueError(f"pixel_bounds must be a preset name or a PixelBounds, got {pixel_bounds!r}")
+        self.bounds = ops.PixelBounds.resolve(pixel_bounds)
         self.action_mode = action_mode
         self.max_ops, self.max_images, self.max_turn_chars = max_ops, max_images, max_turn_chars
         self.zero_reward_on_unfixed_error = zero_reward_on_unfixed_error

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -50,6 +50,27 @@ class PixelBounds:
             return PIXEL_PRESETS[name]
         except KeyError:
             raise ValueError(f"unknown pixel preset {name!r}; choose one of {sorted(PIXEL_PRESETS)}") from None
+
+    @classmethod
+    def resolve(cls, bounds: "str | PixelBounds | Mapping[str, Any]") -> "PixelBounds":
+        """A preset name, a `PixelBounds`, or a JSON-friendly mapping: ``{"preset": name}`` (default
+        ``"tiny"``) plus any of ``image``, ``crop``, ``frame``, ``video`` as ``[min, max]`` pixel
+        counts that replace the preset's, e.g. ``{"crop": [12544, 12544]}`` for 112-px crops."""
+        if isinstance(bounds, cls):
+            return bounds
+        if isinstance(bounds, str):
+            return cls.preset(bounds)
+        if not isinstance(bounds, Mapping):
+            raise ValueError(f"pixel_bounds must be a preset name, a PixelBounds or a mapping, got {bounds!r}")
+        fields = ("image", "crop", "frame", "video")
+        unknown = sorted(set(bounds) - {"preset", *fields})
+        if unknown:
+            raise ValueError(f"pixel_bounds keys {unknown} are unknown; use 'preset' and any of {list(fields)}")
+        base = cls.preset(bounds.get("preset", "tiny"))
+        try:
+            return cls(**{name: tuple(int(v) for v in bounds.get(name, getattr(base, name))) for name in fields})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"pixel_bounds {dict(bounds)} must give [min, max] pixel counts: {exc}") from None
 
 
 _P2 = PATCH * PATCH

@@ -254,6 +254,26 @@ def test_constructor_misuse_says_how_to_fix():
         PixelQAEnv(tasks="nope")
 
 
+def test_pixel_bounds_mapping_changes_a_preset(fixture_source):
+    from pxr_env.ops import PIXEL_PRESETS, PixelBounds
+
+    small = PixelBounds.resolve({"crop": [112 * 112, 112 * 112]})
+    assert small.crop == (12544, 12544) and small.image == PIXEL_PRESETS["tiny"].image
+    assert PixelBounds.resolve({"preset": "train"}) == PIXEL_PRESETS["train"]
+    env = PixelQAEnv(tasks=fixture_source, pixel_bounds={"crop": [12544, 12544]})
+    env.reset(seed=0, options={"sample_id": "fx/choice"})
+    obs, _, _, _, info = env.step(crop_call([0.1, 0.1, 0.4, 0.4]))
+    assert info["action_error"] is None
+    (crop,) = obs["images"]
+    assert crop.shape[0] * crop.shape[1] == pytest.approx(12544, rel=0.3)
+    with pytest.raises(ValueError, match="unknown"):
+        PixelBounds.resolve({"crops": [1, 2]})
+    with pytest.raises(ValueError, match=r"\[min, max\]"):
+        PixelBounds.resolve({"crop": [5]})
+    with pytest.raises(ValueError, match="min <= max"):
+        PixelBounds.resolve({"crop": [9, 4]})
+
+
 def test_step_before_reset_is_a_usage_error(fixture_source):
     with pytest.raises(RuntimeError, match="reset"):
         PixelQAEnv(tasks=fixture_source).step("\\boxed{A}")
