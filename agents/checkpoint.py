@@ -34,7 +34,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 import torch
@@ -229,23 +229,29 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_model(model: nn.Module, target: Path) -> None:
+def _save_model(model: nn.Module, target: Path, state: Mapping[str, torch.Tensor] | None) -> None:
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(target / "model"))
-    else:
+        model.save_pretrained(str(target / "model"), state_dict=state)
+    elif state is None:
         save_model(model, str(target / "model.safetensors"))
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target / "model.safetensors"))
+
+
+def _saved_model_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the ``model/`` folder of checkpoint `path`, read with `model`'s class."""
+    if not hasattr(type(model), "from_pretrained"):
+        raise TypeError(
+            f"{path / 'model'} was written by save_pretrained, and {type(model).__name__} has no from_pretrained"
+        )
+    # from_pretrained undoes the key renaming save_pretrained may apply
+    return type(model).from_pretrained(str(path / "model")).state_dict()
 
 
 def _load_model(path: Path, model: nn.Module) -> None:
     """Load the weights into `model` in place (the optimizer holds its parameters)."""
     if (path / "model").is_dir():
-        if not hasattr(type(model), "from_pretrained"):
-            raise TypeError(
-                f"{path / 'model'} was written by save_pretrained, and {type(model).__name__} has no from_pretrained"
-            )
-        # from_pretrained undoes the key renaming save_pretrained may apply; copy into `model`
-        loaded = type(model).from_pretrained(str(path / "model"))
-        model.load_state_dict(loaded.state_dict())
+        model.load_state_dict(_saved_model_state(path, model))
     elif (path / "model.safetensors").is_file():
         load_model(model, str(path / "model.safetensors"))
     else:
@@ -262,6 +268,8 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     *,
     keep_last: int | None = 3,
+    model_state: Mapping[str, torch.Tensor] | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``directory/step-{step:07d}/`` atomically and return its path.
 
@@ -276,6 +284,8 @@ def save_checkpoint(
         extra: JSON-serializable data to keep (the config, counters, the best score).
         keep_last: the number of checkpoints kept in `directory`, this one included, the
             older ones deleted; None keeps every one.
+        model_state, optimizer_state: state dicts to write in place of `model`'s and
+            `optimizer`'s own (the full ones of a sharded run, `agents.distributed.full_state`).
 
     A checkpoint of the same step is replaced.
     """
@@ -295,9 +305,9 @@ def save_checkpoint(
     final, tmp = root / name, root / (TMP_PREFIX + name)
     tmp.mkdir()
     try:
-        _save_model(model, tmp)
+        _save_model(model, tmp, model_state)
         if optimizer is not None:
-            _save_tree(optimizer.state_dict(), tmp / "optimizer")
+            _save_tree(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer")
         if scheduler is not None:
             _save_tree(scheduler.state_dict(), tmp / "scheduler")
         _save_tree(dict(rng_states) if rng_states is not None else capture_rng_states(), tmp / "rng")
@@ -326,13 +336,17 @@ def load_checkpoint(
     *,
     generators: Mapping[str, RandomSource] | None = None,
     restore_rng: bool = True,
+    load_state: Callable[[dict[str, torch.Tensor], Any], None] | None = None,
 ) -> CheckpointState:
     """Restore a checkpoint folder into existing objects, in place.
 
     `model` gets the weights, `optimizer` and `scheduler` (when given) their states; with
     `restore_rng` the global generators and the named `generators` (the same names that
     were captured) their states. Build the optimizer and scheduler exactly as in the saved
-    run (same parameters, same schedule arguments) before loading.
+    run (same parameters, same schedule arguments) before loading. `load_state`, when given,
+    gets the saved model and optimizer state dicts (None without `optimizer`) instead, and
+    loads them (a sharded run: `agents.distributed.load_full_state`); it needs a ``model/``
+    folder.
     """
     path = Path(path)
     state_file = path / STATE_FILE
@@ -342,9 +356,12 @@ def load_checkpoint(
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} has checkpoint format {state.get('format')!r}; this version reads {FORMAT_VERSION}")
-    _load_model(path, model)
-    if optimizer is not None:
-        optimizer.load_state_dict(_load_tree(path / "optimizer"))
+    if load_state is not None:
+        load_state(_saved_model_state(path, model), _load_tree(path / "optimizer") if optimizer is not None else None)
+    else:
+        _load_model(path, model)
+        if optimizer is not None:
+            optimizer.load_state_dict(_load_tree(path / "optimizer"))
     if scheduler is not None:
         scheduler.load_state_dict(_load_tree(path / "scheduler"))
     if restore_rng:

@@ -19,7 +19,8 @@ steps; ``resume=True`` continues the latest one with no lost or repeated step.
 Run ``python -m agents.grpo --model checkpoints/tiny-warmstart --out runs/grpo`` (``--help``
 lists every field of `GRPOConfig`). The same code drives a real checkpoint (e.g.
 ``Qwen/Qwen2.5-VL-7B-Instruct``) on a GPU; under ``accelerate launch`` / ``torchrun`` each
-process plays its share of the queries and gradients are averaged (`agents.distributed`).
+process plays its share of the queries and gradients are averaged (`agents.distributed`),
+and with ``fsdp`` the trained weights, gradients and optimizer state are sharded (FSDP2).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -125,6 +127,8 @@ class GRPOConfig:
     threads: int = 0
     """torch threads (0: leave torch's default)."""
     device: str = "cpu"
+    fsdp: bool = False
+    """With several processes, shard the trained weights, gradients and optimizer state over them (FSDP2)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -224,6 +228,8 @@ class GRPOTrainer:
             self.reference.requires_grad_(False)
         self.trained = self._trained_module()
         distributed.broadcast_parameters(self.trained)
+        if config.fsdp and self.world > 1:
+            distributed.shard(self.trained, self.model)
         self.optimizer = torch.optim.AdamW(self.trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         total_updates = config.steps * config.updates_per_step
         self.scheduler = cosine_schedule(self.optimizer, round(config.warmup_ratio * total_updates), total_updates,
@@ -241,8 +247,10 @@ class GRPOTrainer:
         if config.resume:
             path = latest_checkpoint(self.out / "checkpoints")
             if path is not None:
-                self.resumed = load_checkpoint(path, self.trained, self.optimizer, self.scheduler,
-                                               generators=self._generators())
+                sharded = distributed.is_sharded(self.trained)
+                self.resumed = load_checkpoint(
+                    path, self.trained, self.optimizer, self.scheduler, generators=self._generators(),
+                    load_state=partial(distributed.load_full_state, self.trained, self.optimizer) if sharded else None)
                 self.start_step = self.resumed.step
 
     def _generators(self) -> dict[str, np.random.Generator]:
@@ -282,8 +290,9 @@ class GRPOTrainer:
         self.policy.temperature = 0.0
         self.model.eval()
         mine = self.eval_ids[self.rank::self.world]
-        trajectories = collect(self.policy, self.envs, samples=mine, group_size=1, seed=self.config.eval_seed,
-                               progress=False)
+        with distributed.unsharded(self.trained):
+            trajectories = collect(self.policy, self.envs, samples=mine, group_size=1, seed=self.config.eval_seed,
+                                   progress=False)
         self.policy.temperature = saved
         return rollout_metrics(distributed.gather_objects(_records(trajectories)), self.task_source, "eval/")
 
@@ -333,30 +342,37 @@ class GRPOTrainer:
         """`updates_per_step` clipped-ratio updates over `items` (each with ``old_logprobs``).
 
         `advantages` is ``[N]`` (one per item) or ``[N, L]`` (per token, right-padded to at
-        least the longest item).
+        least the longest item). Every process calls it, with or without items: each runs as
+        many forward/backward passes (the gradient reductions, and FSDP's gathers, are joined
+        by all), a process with fewer running the extra ones on a spare item with weight 0.
         """
         config = self.config
         self.model.train()
         stats: dict[str, list[float]] = {}
+        firsts = distributed.gather_objects(items[:1])  # every process's first item, on every process
+        spare = (items or firsts)[:1]
         order = np.arange(len(items))
         np.random.default_rng([config.seed, 3, self.scheduler.last_epoch]).shuffle(order)
         for chunk in np.array_split(order, config.updates_per_step):
-            if len(chunk) == 0:
-                continue
             local_tokens = sum(int(items[i]["loss_mask"].sum()) for i in chunk)
-            num_tokens = max(1, distributed.all_reduce_sum(local_tokens))
+            num_tokens = distributed.all_reduce_sum(local_tokens)
+            if num_tokens == 0:
+                continue
             self.optimizer.zero_grad(set_to_none=True)
-            for start in range(0, len(chunk), config.micro_batch_size):
-                idx = chunk[start:start + config.micro_batch_size]
-                batch = {k: v.to(config.device) for k, v in pad_items(self.processor, [items[i] for i in idx]).items()}
-                adv = advantages[idx].to(config.device)
+            micro = [chunk[s:s + config.micro_batch_size] for s in range(0, len(chunk), config.micro_batch_size)]
+            for m in range(distributed.all_reduce_max(len(micro))):
+                real = m < len(micro)
+                batch = {k: v.to(config.device)
+                         for k, v in pad_items(self.processor, [items[i] for i in micro[m]] if real else spare).items()}
+                adv = (advantages[micro[m]] if real else torch.zeros(1)).to(config.device)
                 if adv.ndim == 2:
                     adv = adv[:, :batch["input_ids"].shape[1]]
                 loss, info = self.loss(batch, adv, num_tokens)
                 # the loss is already divided by the global token count: sum over ranks, not mean
-                (loss * self.world).backward()
-                for key, value in info.items():
-                    stats.setdefault(key, []).append(value)
+                (loss * (self.world if real else 0)).backward()
+                if real:
+                    for key, value in info.items():
+                        stats.setdefault(key, []).append(value)
             distributed.average_gradients(self.trained)
             norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), config.max_grad_norm)
             stats.setdefault("loss/grad_norm", []).append(float(norm))
@@ -407,10 +423,11 @@ class GRPOTrainer:
                 if logger:
                     logger.log(step, last_eval)
             tick = time.time()
-            trajectories = self.rollouts(step)
-            rollout_seconds = time.time() - tick
-            items, advantages, batch_stats = self.batch(trajectories)
-            update_stats = self.update(items, advantages) if items else {}
+            with distributed.unsharded(self.trained):  # each process runs its own number of forward passes
+                trajectories = self.rollouts(step)
+                rollout_seconds = time.time() - tick
+                items, advantages, batch_stats = self.batch(trajectories)
+            update_stats = self.update(items, advantages) if distributed.all_reduce_sum(len(items)) else {}
             generated = sum(int(t.generated_mask.sum()) for t in trajectories)
             row = {
                 **rollout_metrics(distributed.gather_objects(_records(trajectories)), self.task_source, "train/"),
@@ -424,11 +441,11 @@ class GRPOTrainer:
             if logger:
                 logger.log(step + 1, row)
             bar.set_postfix(acc=f"{row['train/accuracy']:.2f}", rapr=f"{row['train/rapr']:.2f}")
-            out_of_time = config.max_minutes and (time.time() - started) / 60 >= config.max_minutes
-            if main and ((step + 1) % config.save_every == 0 or step + 1 == config.steps or out_of_time):
-                save_checkpoint(self.out / "checkpoints", self.trained, self.optimizer, self.scheduler, step + 1,
-                                capture_rng_states(self._generators()), self.checkpoint_extra(),
-                                keep_last=config.keep_checkpoints)
+            # every process stops once one is out of time
+            out_of_time = config.max_minutes > 0 and distributed.all_reduce_sum(
+                float((time.time() - started) / 60 >= config.max_minutes)) > 0
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps or out_of_time:
+                self.checkpoint(step + 1)
             if out_of_time:
                 step += 1
                 break
@@ -438,10 +455,26 @@ class GRPOTrainer:
         if logger:
             logger.log(max(step, self.start_step) + 1, last_eval)
             logger.close()
+        model_state, _ = distributed.full_state(self.trained)
         if main:
-            self.policy.save_pretrained(self.out / "final")
+            self.save_final(self.out / "final", model_state)
             (self.out / "final_eval.json").write_text(json.dumps(last_eval, indent=2))
         return last_eval
+
+    def checkpoint(self, step: int) -> None:
+        """Save a checkpoint of `step` steps done from rank 0. Every process calls it: a sharded
+        module's full state is gathered from all of them."""
+        model_state, optimizer_state = distributed.full_state(self.trained, self.optimizer)
+        if self.rank == 0:
+            save_checkpoint(self.out / "checkpoints", self.trained, self.optimizer, self.scheduler, step,
+                            capture_rng_states(self._generators()), self.checkpoint_extra(),
+                            keep_last=self.config.keep_checkpoints, model_state=model_state,
+                            optimizer_state=optimizer_state)
+
+    def save_final(self, path: Path, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Write the final policy to `path`, its weights from `state` when given (the full state
+        dict of a sharded `trained` module, `agents.distributed.full_state`)."""
+        self.policy.save_pretrained(path, state_dict=state)
 
 
 def _parse_args(argv: Sequence[str] | None = None, config_class: type[GRPOConfig] = GRPOConfig) -> GRPOConfig:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -123,9 +123,11 @@ class ValueHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.net(hidden.to(self.net[0].weight.dtype)).squeeze(-1)
 
-    def save(self, path: str | Path) -> None:
-        """Write the weights to the safetensors file `path`, the sizes in its metadata."""
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+    def save(self, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write the weights (or `state_dict`, a sharded head's full ones) to the safetensors file
+        `path`, the sizes in its metadata."""
+        state = self.state_dict() if state_dict is None else state_dict
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, str(path), metadata={"hidden_size": str(self.hidden_size),
                                                 "inner_size": str(self.inner_size)})
 
@@ -143,17 +145,18 @@ class ValueHead(nn.Module):
 class ActorCritic(nn.Module):
     """The policy model and its value head: what PPO's optimizer updates and its checkpoints hold.
 
-    `save_pretrained` writes the model's folder and ``value_head.safetensors`` in it;
-    `from_pretrained` reads both (`agents.checkpoint` calls them).
+    `save_pretrained` writes the model's folder and ``value_head.safetensors`` in it (from
+    `state_dict`, a sharded module's full one, when given); `from_pretrained` reads both
+    (`agents.checkpoint` calls them).
     """
 
     def __init__(self, model: nn.Module, value_head: ValueHead) -> None:
         super().__init__()
         self.model, self.value_head = model, value_head
 
-    def save_pretrained(self, path: str | Path) -> None:
-        self.model.save_pretrained(path)
-        self.value_head.save(Path(path) / VALUE_HEAD_FILE)
+    def save_pretrained(self, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.model.save_pretrained(path, state_dict=_substate(state_dict, "model."))
+        self.value_head.save(Path(path) / VALUE_HEAD_FILE, _substate(state_dict, "value_head."))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ActorCritic":
@@ -162,6 +165,11 @@ class ActorCritic(nn.Module):
         import agents.vlm.tiny  # noqa: F401  (registers the tiny model with the Auto classes)
 
         return cls(AutoModelForImageTextToText.from_pretrained(path), ValueHead.load(Path(path) / VALUE_HEAD_FILE))
+
+
+def _substate(state: Mapping[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
+    """The entries of `state` under `prefix`, the prefix dropped (None for None)."""
+    return None if state is None else {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @contextlib.contextmanager
@@ -339,8 +347,9 @@ class PPOTrainer(GRPOTrainer):
         """
         config = self.config
         inputs = {k: v for k, v in batch.items() if k not in VALUE_KEYS}
-        with last_hidden_state(self.model) as hidden:
-            logp = token_logprobs(self.model, inputs, config.temperature, self.suppressed)
+        with last_hidden_state(self.model) as hidden:  # every position: the values sit at turn ends
+            logp = token_logprobs(self.model, {k: v for k, v in inputs.items() if k != "loss_mask"},
+                                  config.temperature, self.suppressed)
         values = self.value_head(hidden[-1]).gather(1, batch["value_index"])
         loss, stats = self.policy_loss(inputs, logp, advantages, num_tokens)
         mask = batch["loss_mask"]
@@ -349,12 +358,10 @@ class PPOTrainer(GRPOTrainer):
         stats["loss/value"] = float(v_loss.detach())
         return loss + config.vf_coef * v_loss * (float(mask.sum()) / num_tokens), stats
 
-    def train(self) -> dict[str, float]:
-        """GRPO's loop; the final folder also gets the value head."""
-        metrics = super().train()
-        if self.rank == 0:
-            self.value_head.save(self.out / "final" / VALUE_HEAD_FILE)
-        return metrics
+    def save_final(self, path: Path, state: Mapping[str, torch.Tensor] | None) -> None:
+        """GRPO's final folder, plus the value head."""
+        super().save_final(path, _substate(state, "model."))
+        self.value_head.save(path / VALUE_HEAD_FILE, _substate(state, "value_head."))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -209,3 +209,18 @@ def test_a_tokenizer_without_the_chat_markup_is_refused(processor):
     with pytest.raises(ValueError, match="im_end"):
         TransformersPolicy(torch.nn.Linear(1, 1), broken)
     assert placeholder_token_ids(processor) == [processor.image_token_id]
+
+
+def test_token_logprobs_on_loss_positions_equal_the_full_pass(model, processor):
+    """With a ``loss_mask`` the logits are taken only at positions some row masks: the same
+    values there as a pass over every position, 0 at positions no row masks."""
+    policy = TransformersPolicy(model, processor, max_new_tokens=6)
+    trajectories = play(policy, make_envs(2), group_size=2)
+    batch = pad_items(processor, [trajectory_item(processor, t) for t in trajectories])
+    suppressed = placeholder_token_ids(processor)
+    masked = token_logprobs(model, batch, suppressed=suppressed)
+    full = token_logprobs(model, {k: v for k, v in batch.items() if k != "loss_mask"}, suppressed=suppressed)
+    mask = batch["loss_mask"].bool()
+    torch.testing.assert_close(masked[mask], full[mask], atol=1e-5, rtol=0)
+    nowhere = ~mask.any(0)
+    assert torch.count_nonzero(masked[:, nowhere]) == 0 and torch.count_nonzero(full[:, nowhere]) > 0

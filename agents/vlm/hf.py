@@ -169,16 +169,26 @@ def token_logprobs(model: Any, batch: Mapping[str, torch.Tensor], temperature: f
     """Log-probs of every token of a padded batch in one forward pass, with gradients: ``(B, L)``.
 
     Entry ``[b, t]`` is `policy_logprobs` of token ``t`` given tokens ``< t``; it is 0 at
-    ``t = 0`` and on padding, aligned with ``loss_mask`` and ``old_logprobs``.
+    ``t = 0`` and on padding, aligned with ``loss_mask`` and ``old_logprobs``. A batch with a
+    ``loss_mask`` gets logits only at the positions where some row has a masked token
+    (``logits_to_keep``): the vocabulary head over every prompt and image token would be
+    most of a small model's update; entries at the other positions are 0.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
     device = next(model.parameters()).device
     inputs = model_inputs(batch, device)
-    logits = model(**inputs).logits[:, :-1]
-    picked = policy_logprobs(logits, inputs["input_ids"][:, 1:], temperature, suppressed)
+    targets = inputs["input_ids"][:, 1:]
+    if "loss_mask" in batch and bool(batch["loss_mask"][:, 1:].any()):
+        positions = batch["loss_mask"][:, 1:].to(device).bool().any(0).nonzero().flatten()
+        logits = model(**inputs, logits_to_keep=positions).logits
+        targets = targets[:, positions]
+    else:
+        positions = torch.arange(targets.shape[1], device=device)
+        logits = model(**inputs).logits[:, :-1]
+    picked = policy_logprobs(logits, targets, temperature, suppressed)
     out = torch.zeros(inputs["input_ids"].shape, dtype=picked.dtype, device=device)
-    out[:, 1:] = picked * inputs["attention_mask"][:, 1:]
+    out[:, positions + 1] = picked * inputs["attention_mask"][:, positions + 1]
     return out
 
 
@@ -334,10 +344,11 @@ class TransformersPolicy(ChatPolicy):
         policy.env_kwargs = load_env_settings(name_or_path)
         return policy
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write the model (safetensors), the processor, the chat format and the env settings to
-        `path`, so that `from_pretrained` plays the saved policy in the same layout and env."""
-        self.model.save_pretrained(path)
+        `path`, so that `from_pretrained` plays the saved policy in the same layout and env.
+        `state_dict`: the model weights to write instead of its own (a sharded model's full ones)."""
+        self.model.save_pretrained(path, state_dict=state_dict)
         self.processor.save_pretrained(path)
         save_chat_format(ChatFormat(self.system, self.question_first), path)
         save_env_settings(self.env_kwargs, path)
@@ -389,8 +400,10 @@ class TransformersPolicy(ChatPolicy):
         items = [sequence_item(self.processor, s.ids, _concat_features(s.features)) for s in states]
         inputs = model_inputs(pad_items(self.processor, items, "left"), self.device)
         with self._sampling_rng():
+            # synced_gpus=False: each process generates alone, FSDP-sharded or not (its weights
+            # gathered beforehand, `agents.distributed.unsharded`), for its own number of calls
             out = self.model.generate(**inputs, generation_config=self._generation_config(),
-                                      tokenizer=self.tokenizer if self.stop_strings else None)
+                                      tokenizer=self.tokenizer if self.stop_strings else None, synced_gpus=False)
         new = out.sequences[:, inputs["input_ids"].shape[1]:]
         scale = self.temperature or 1.0
         logprobs = torch.stack([policy_logprobs(step, new[:, t], scale, self.suppressed)
