@@ -687,18 +687,29 @@ ZOOM_MID = {"zoom-read": {"shortcut_share": 0.0, "hard_share": 0.3, "questions":
                           "distractors": [5, 15], "backgrounds": ["plain", "noise"]}}
 ZOOM_ALL = {"zoom-read": {"questions": ["read", "read-choice"]}}
 
+ZOOM_READ_WIDE = {"zoom-read": {"shortcut_share": 0.0, "hard_share": 0.3, "questions": ["read", "read-choice"],
+                                "distractors": [0, 15], "backgrounds": ["plain", "noise"]}}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "warmstart": dict(
-        model={"hidden_size": 128, "intermediate_size": 384, "vision_num_layers": 1},
+        model={"hidden_size": 128, "intermediate_size": 384, "vision_num_layers": 1, "token_conv": True,
+               "stem_norm": True, "image_summary": True, "pointer_grid": 28, "pointer_subcells": 2,
+               "pointer_stem": True, "box_sizes": [0.05, 0.12, 0.25, 0.45]},
+        env_kwargs={"crop_padding": 0.01, "pixel_bounds": {"crop": [112 * 112, 112 * 112]}},
+        vision_pretrain=VisionPretrainConfig(
+            tasks={"zoom-read": {**ZOOM_READ_WIDE["zoom-read"], "hard_share": 0.0, "questions": ["read"]}},
+            samples=3200, steps=2000, minutes=5.0, batch_size=32, lr=1e-3, held_out=200),
+        freeze=["model.vision"],
         stages=[
+            SFTStage(tasks=ZOOM_READ_WIDE, n_pixel=3000, image_mix={"image/single": 1.0}, minutes=3.0, reading=True,
+                     batch_size=32, freeze=["pointer.stem"]),
             SFTStage(tasks=ZOOM_EASY, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=5.0),
-            SFTStage(tasks=ZOOM_MID, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=5.0),
+            SFTStage(tasks=ZOOM_MID, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=4.0),
             SFTStage(tasks={"zoom-read": {**ZOOM_ALL["zoom-read"], "shortcut_share": 0.2}}, n_pixel=2500, n_text=500,
-                     image_mix={"image/single": 0.7, "image/recrop-once": 0.1, "image/zoom-in": 0.2}),
+                     image_mix={"image/single": 0.85, "image/recrop-once": 0.15}),
         ],
         max_steps=1250, max_minutes=20.0, batch_size=8, lr=2e-3, warmup_ratio=0.04, pointer_weight=5.0,
-        pointer_smoothing=0.1, eval_every=300, eval_tasks=ZOOM_ALL, eval_samples=100, checkpoint_every=100,
-        save_at_steps=[800],
+        pointer_smoothing=0.1, eval_every=0, eval_tasks=ZOOM_ALL, eval_samples=100, checkpoint_every=100,
     ),
 }
 """Named configurations (`--preset`); the documented warm start is ``warmstart``."""
@@ -715,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="training-time budget")
     parser.add_argument("--max-steps", type=int, help="optimizer steps of the schedule")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, help="seed of the initialisation, traces and batch order (default: the preset's)")
     parser.add_argument("--evaluate", metavar="MODEL_DIR",
                         help="only evaluate a saved model (closed loop) and the answer-only bound; results to OUT "
                              "(in the env of its saved env settings; the env_kwargs of --config apply over them)")
@@ -742,13 +754,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     fields = dict(PRESETS[args.preset])
     if args.config:
         overrides = json.loads(Path(args.config).read_text())
-        if overrides.get("init_from") is not None and "model" not in overrides:
-            fields.pop("model", None)  # the preset's fresh-model overrides do not apply to a saved model
+        if overrides.get("init_from") is not None:  # the preset's fresh-model settings do not apply to a saved model
+            for name in ("model", "vision_pretrain"):
+                if name not in overrides:
+                    fields.pop(name, None)
         fields.update(overrides)
     config = SFTConfig(**fields)
     config = replace(config, out=args.out, export_dir=args.export, resume=args.resume, progress=not args.no_progress,
                      max_minutes=args.max_minutes if args.max_minutes is not None else config.max_minutes,
-                     max_steps=args.max_steps or config.max_steps)
+                     max_steps=args.max_steps or config.max_steps,
+                     seed=args.seed if args.seed is not None else config.seed)
     results = train_sft(config)
     print(json.dumps({"step": results["step"], "minutes": round(results["minutes"], 2), "eval": results["eval"]},
                      indent=2))

@@ -344,6 +344,17 @@ def test_a_config_with_init_from_drops_the_presets_fresh_model_overrides(tmp_pat
     path.write_text(json.dumps({"init_from": str(tmp_path / "model")}))
     assert sft.main(["--out", str(tmp_path / "run"), "--config", str(path)]) == 0
     assert seen["config"].init_from == str(tmp_path / "model") and seen["config"].model == {}
+    assert seen["config"].vision_pretrain is None
+
+
+def test_the_seed_flag_overrides_the_presets_seed(tmp_path: Path, monkeypatch) -> None:
+    import agents.sft as sft
+
+    seen = []
+    monkeypatch.setattr(sft, "train_sft", lambda cfg: seen.append(cfg.seed) or {"step": 0, "minutes": 0.0, "eval": {}})
+    assert sft.main(["--out", str(tmp_path / "a")]) == 0
+    assert sft.main(["--out", str(tmp_path / "b"), "--seed", "1"]) == 0
+    assert seen == [0, 1]
 
 
 class _Answers(torch.nn.Module):
