@@ -5,7 +5,6 @@ with the model sharded (FSDP); a sharded run's checkpoint loads in one process."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +19,9 @@ WORKER = Path(__file__).with_name("_dist_update_worker.py")
 ENV = {**{k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}, "PXR_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(checkpoint: Path, out: Path, *args: str) -> Path:
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    # --standalone: the rendezvous picks a free local port itself (no race for a probed one)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     str(WORKER), str(checkpoint), str(out), *args], env=ENV, check=True, timeout=300)
     return out
 

@@ -179,8 +179,9 @@ def token_logprobs(model: Any, batch: Mapping[str, torch.Tensor], temperature: f
     device = next(model.parameters()).device
     inputs = model_inputs(batch, device)
     targets = inputs["input_ids"][:, 1:]
-    if "loss_mask" in batch and bool(batch["loss_mask"][:, 1:].any()):
-        positions = batch["loss_mask"][:, 1:].to(device).bool().any(0).nonzero().flatten()
+    positions = (batch["loss_mask"][:, 1:].to(device).bool().any(0).nonzero().flatten() if "loss_mask" in batch
+                 else torch.zeros(0, dtype=torch.long, device=device))
+    if len(positions):
         logits = model(**inputs, logits_to_keep=positions).logits
         targets = targets[:, positions]
     else:
