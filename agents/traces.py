@@ -3,8 +3,9 @@ r"""Warm-start (SFT) traces: scripted episodes around each sample's evidence, pl
 The published warm start (shared REFERENCE section 4) trains on templated traces built
 around a known evidence region, not on free distillation. A pixel-space trace describes
 the whole input, zooms in on the evidence (or selects the evidence frames), analyses the
-result and answers in ``\boxed{}``; self-correction traces first make a deliberate
-mistake and then recover. Kinds and their default shares:
+result and answers in ``\boxed{}`` (a choice question with its option's text, e.g.
+``\boxed{H}`` or ``\boxed{left}``, which the scorer accepts); self-correction traces
+first make a deliberate mistake and then recover. Kinds and their default shares:
 
 =====================  ======  ==============================================================
 kind                   share   turns (the crop / frame calls in order)
@@ -64,6 +65,7 @@ from agents.vlm.chat import IM_END, ChatFormat, Conversation, render_messages
 from pxr_env import ops
 from pxr_env.actions import format_answer, format_tool_call
 from pxr_env.env import PixelQAEnv
+from pxr_env.scoring import match_choice
 from pxr_env.tasks import CHOICE_LETTERS, Sample, TaskSource, make_task_source
 
 Box = tuple[float, float, float, float]
@@ -331,11 +333,16 @@ def _when(frames: Sequence[int], num_frames: int) -> str:
     return phrases[min(2, int(centre * 3))]
 
 
-def _answer_phrase(sample: Sample) -> str:
+def _answer_text(sample: Sample) -> str:
+    """What a trace answers: the gold answer, but for a choice question the option's text
+    wherever the scorer reads that text back as the same option (`match_choice`). A tiny
+    model names what it saw in minutes, while copying the letter of the matching option out
+    of the prompt did not emerge in 150 steps of 64 (docs/results.md)."""
     answer = sample.answers[0]
-    if sample.answer_type == "choice":
-        return f"({answer}) {sample.choices[CHOICE_LETTERS.index(answer)]}"
-    return answer
+    if sample.answer_type != "choice":
+        return answer
+    text = sample.choices[CHOICE_LETTERS.index(answer)]
+    return text if match_choice(text, sample.choices) == answer else answer
 
 
 def _describe(sample: Sample, rng: np.random.Generator, num_frames: int) -> str:
@@ -345,8 +352,8 @@ def _describe(sample: Sample, rng: np.random.Generator, num_frames: int) -> str:
 
 
 def _final(sample: Sample, rng: np.random.Generator, lead: Sequence[str]) -> str:
-    answer = _pick(rng, _ANSWER, phrase=_answer_phrase(sample))
-    return f"{_pick(rng, lead)} {answer}\n{format_answer(sample.answers[0])}"
+    answer = _answer_text(sample)
+    return f"{_pick(rng, lead)} {_pick(rng, _ANSWER, phrase=answer)}\n{format_answer(answer)}"
 
 
 # ------------------------------------------------------------------ geometry

@@ -105,21 +105,23 @@ def anls(prediction: str, golds: Sequence[str], threshold: float = 0.5) -> float
 def match_choice(prediction: str, choices: Sequence[str]) -> str | None:
     """The letter (``"A"``, ``"B"``, ...) of the option `prediction` names, or None.
 
-    Tried in order: the prediction is only a letter (``"B"``, ``"(b)"``, ``"B."``,
-    ``"Option B"``); it equals an option's text after `normalize_text`; it starts with a
+    Tried in order: the prediction is only a letter of a choice (``"B"``, ``"(b)"``, ``"B."``,
+    ``"Option B"``); it equals an option's text after `normalize_text` (so ``"H"`` names
+    the option whose text is H when there are four choices); it starts with a
     letter followed by ``)``, ``.``, ``:`` (``"B) text"``, ``"(B) text"``) or with
-    ``"Option B"``. A letter beyond the number of choices gives None. Lowercase letters
+    ``"Option B"``. Any other lone letter gives None. Lowercase letters
     count only in the first form, so that ``"a red car"`` is read as text.
     """
     letters = LETTERS[: len(choices)]
     bare = _BARE_LETTER.fullmatch(prediction)
-    if bare:
-        letter = bare.group(1).upper()
-        return letter if letter in letters else None
+    if bare and bare.group(1).upper() in letters:
+        return bare.group(1).upper()
     normalized = normalize_text(prediction)
     for letter, choice in zip(letters, choices):
         if normalize_text(choice) == normalized:
             return letter
+    if bare:
+        return None
     leading = _LEADING_LETTER.match(prediction)
     if leading:
         letter = (leading.group(1) or leading.group(2)).upper()

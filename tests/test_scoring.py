@@ -130,6 +130,13 @@ def test_match_choice(prediction: str, letter: str | None) -> None:
     assert match_choice(prediction, CHOICES) == letter
 
 
+def test_match_choice_lone_letter_beyond_the_choices_is_an_option_text() -> None:
+    glyphs = ["E", "H", "U", "V"]
+    assert match_choice("H", glyphs) == "B"
+    assert match_choice("(D)", glyphs) == "D"  # a letter of a choice stays the letter
+    assert match_choice("K", glyphs) is None
+
+
 def test_match_choice_lowercase_text_is_not_a_letter() -> None:
     # "a" starting a sentence is an article, not option A.
     assert match_choice("a blue car", CHOICES) == "B"

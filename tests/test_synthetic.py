@@ -189,3 +189,12 @@ def test_shortcut_items_are_answerable_without_ops(family: str, clip_cache: str)
     source = make(family, clip_cache, shortcut_share=1.0)
     _, without, chance = _accuracy(source, family, range(15))
     assert without >= 0.9 > chance
+
+
+def test_read_choice_letters_never_read_as_another_options_letter():
+    """Letter glyphs of read-choice items come from E-Z: `\\boxed{H}` names an option by its text."""
+    source = FAMILIES["zoom-read"](questions=("read-choice",), glyph_sets=("letters",))
+    for seed in range(40):
+        sample = source.get(f"zoom-read/{seed}")
+        assert not set(sample.choices) & set("ABCD")
+        assert {t["glyph"] for t in sample.meta["tags"]}.isdisjoint("ABCD")

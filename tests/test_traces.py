@@ -241,3 +241,20 @@ def test_reading_keeps_the_question_the_last_image_and_the_answer(traces):
     video = next(t for t in traces if t.kind.startswith("video/"))
     with pytest.raises(ValueError, match="video traces"):
         video.reading()
+
+
+def test_choice_questions_are_answered_with_the_option_text(traces):
+    """A choice answer names the option (``\\boxed{left}``), never only its letter, where the
+    scorer reads the text back as that option; the env scored every such trace correct."""
+    source = make_task_source("synthetic")
+    checked = 0
+    for trace in traces:
+        sample = source.get(trace.sample_id)
+        if sample.answer_type != "choice":
+            continue
+        final = trace.conversation.messages[-1]["content"][0]["text"]
+        boxed = re.search(r"\\boxed\{(.*)\}", final).group(1)
+        assert boxed == sample.choices["ABCD".index(sample.answers[0])], final
+        assert trace.correct
+        checked += 1
+    assert checked >= 20

@@ -5,7 +5,8 @@ shapes and one or two small *tags*: a square, circle or hexagon of a named colou
 digit or letter on it. Question kinds:
 
 - ``read``: "What digit is written on the red square?" (open answer);
-- ``read-choice``: the same with four lettered options;
+- ``read-choice``: the same with four lettered options (its letter glyphs are never A-D,
+  so that no option's text reads as another option's letter);
 - ``colour``: "What colour is the shape marked with the digit 7?" (four options; the
   other options are colours of other tags, so the tag must be found by its glyph);
 - ``relative``: "Is the shape marked with 3 to the left or to the right of the shape
@@ -99,6 +100,8 @@ class ZoomRead(SyntheticSource):
         tier = self.draw_tier(rng)
         kind = self.questions[int(rng.integers(len(self.questions)))]
         alphabet = DIGITS if self.glyph_sets[int(rng.integers(len(self.glyph_sets)))] == "digits" else LETTERS
+        if kind == "read-choice" and alphabet is LETTERS:  # no option text reads as another option's letter
+            alphabet = tuple(g for g in LETTERS if g not in CHOICE_LETTERS[:4])
         bg_kind = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
         frac = {"shortcut": self.shortcut_glyph_frac, "easy": self.easy_glyph_frac, "hard": self.hard_glyph_frac}[tier]
 
