@@ -13,7 +13,8 @@ with their difficulty knobs and its trace counts and mix; a stage ends after its
 ``steps`` or ``minutes`` (of training time), the last one runs to the end. Each stage's
 traces are synthesized when the stage starts and encoded once (images kept as uint8
 patches, 4x smaller than float). A ``reading`` stage trains on the question, the final
-crop and the answer alone (`Trace.reading`), with its own batch size.
+crop and the answer alone (`Trace.reading`), with its own batch size; a ``pointing`` stage
+on the question, the original image and the first crop call alone (`Trace.pointing`).
 
 **Resume.** A checkpoint (`agents.checkpoint.save_checkpoint`) every `SFTConfig.checkpoint_every`
 steps holds the model, optimizer, schedule, RNG states and the training clock; the
@@ -127,6 +128,10 @@ class SFTStage:
     """Train reading alone: each trace becomes its question with its last image (the crop) as
     the only image, and its final turn, the only trained piece (`Trace.reading`). A tiny model
     learns to read through its decoder far sooner when the loss is the answer (docs/results.md)."""
+    pointing: bool = False
+    """Train the first decision alone: each trace becomes its question with the original image
+    and its first turn (the first crop), the only trained piece (`Trace.pointing`), so that a
+    step of short items spends its compute on where to look."""
     batch_size: int | None = None
     """Sequences per micro-batch in this stage (None: `SFTConfig.batch_size`); reading items are short."""
     freeze: list[str] = field(default_factory=list)
@@ -141,6 +146,8 @@ class SFTStage:
         TraceMix(image=self.image_mix, video=self.video_mix)
         if self.steps is not None and self.steps < 1 or self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"stage steps must be >= 1 and minutes > 0 when set, got {self.steps}, {self.minutes}")
+        if self.reading and self.pointing:
+            raise ValueError("a stage trains reading or pointing alone, not both")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"stage batch_size must be >= 1 when set, got {self.batch_size}")
 
@@ -287,9 +294,18 @@ def stage_items(config: SFTConfig, stage_index: int, processor: Any,
                                mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
                                seed=config.seed * 1000 + stage_index, options=options,
                                workers=config.trace_workers, progress=config.progress)
-    items = [_compact(encode_segments(processor, *(t.reading() if stage.reading else (t.segments(), t.images))))
+    items = [_compact(encode_segments(processor, *_stage_view(stage, t)))
              for t in tqdm(traces, desc=f"encode stage {stage_index}", disable=not config.progress)]
     return items, {t.sample_id for t in traces}
+
+
+def _stage_view(stage: SFTStage, trace: Trace) -> tuple[list[tuple[str, bool]], list[np.ndarray]]:
+    """The segments and images a stage trains on: the whole trace, its reading or its pointing."""
+    if stage.reading:
+        return trace.reading()
+    if stage.pointing:
+        return trace.pointing()
+    return trace.segments(), trace.images
 
 
 def batch_indices(n_items: int, batch_size: int, seed: int, stage_index: int, step_in_stage: int) -> list[int]:

@@ -211,6 +211,23 @@ class Trace:
         reduced = [*messages[:first], messages[first], messages[-1]]
         return conversation_segments(reduced, [self.trained[-1]]), [self.images[-1]]
 
+    def pointing(self) -> tuple[list[tuple[str, bool]], list[np.ndarray]]:
+        """The trace reduced to its first decision: segments and images of a one-turn conversation.
+
+        The system message, the first user message with the original image or frames, and the
+        first assistant turn (the first operation, or the answer of a textual trace), the only
+        piece trained. Traces whose first turn is a deliberate mistake are refused. A pointing
+        stage of the SFT trains on these, so that a step spends its compute on the first
+        crop alone (`agents.sft.SFTStage.pointing`).
+        """
+        messages = self.conversation.messages
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        if not self.trained[0]:
+            raise ValueError(f"{self.sample_id}: the first turn of a {self.kind} trace is a deliberate mistake, "
+                             f"not a pointing item")
+        n_images = sum(item.get("type") == "image" for item in messages[first]["content"])
+        return conversation_segments(messages[:first + 2], [True]), self.images[:n_images]
+
 
 def conversation_segments(messages: Sequence[Mapping[str, Any]], trained: Sequence[bool]) -> list[tuple[str, bool]]:
     """Split rendered `messages` into (text, trained) pieces at every assistant turn (see `Trace.segments`)."""

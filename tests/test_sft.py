@@ -309,6 +309,25 @@ def test_reading_stage_trains_the_answer_of_question_and_crop_with_its_own_batch
         SFTStage(batch_size=0)
 
 
+def test_pointing_stage_trains_the_first_crop_of_question_and_image(tmp_path: Path) -> None:
+    """A ``pointing`` stage encodes `Trace.pointing` items: the original image, the first call labelled, no crop."""
+    pointing = SFTStage(tasks=ZOOM_EASY, n_pixel=3, image_mix=SINGLE, steps=2, pointing=True, batch_size=3)
+    cfg = config(tmp_path, stages=[pointing, SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=3,
+                 checkpoint_every=0)
+    processor = build_tiny_processor()
+    items, _ = stage_items(cfg, 0, processor, BoxVocab())
+    for item in items:
+        assert int(item["image_grid_thw"].shape[0]) == 1
+        labelled = item["loss_mask"].nonzero().flatten()
+        assert len(labelled) and labelled.max() - labelled.min() + 1 == len(labelled)  # one run: the crop call
+        assert processor.tokenizer.decode(item["input_ids"][labelled]).endswith("</tool_call><|im_end|>")
+    train_sft(cfg)
+    rows = [r for r in read_metrics(tmp_path) if "train/tokens_per_s" in r]
+    assert [r["train/stage"] for r in rows] == [0, 0, 1]
+    with pytest.raises(ValueError, match="not both"):
+        SFTStage(reading=True, pointing=True)
+
+
 def test_a_finer_pointer_grid_trains_on_its_own_box_tokens_and_reloads(tmp_path: Path) -> None:
     """``pointer_grid`` 28 in the model overrides: the processor carries its box tokens, the traces are
     snapped to them, and the saved model and processor reload together."""

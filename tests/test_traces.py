@@ -243,6 +243,24 @@ def test_reading_keeps_the_question_the_last_image_and_the_answer(traces):
         video.reading()
 
 
+def test_pointing_keeps_the_question_the_original_and_the_first_turn(traces):
+    """`Trace.pointing`: the original image (or frames), the question, and only the first turn trained."""
+    by_kind = _by_kind(traces)
+    for kind in ("image/single", "image/zoom-in", "video/single", TEXT_KIND):
+        trace = by_kind[kind][0]
+        segments, images = trace.pointing()
+        first_user = next(m for m in trace.conversation.messages if m["role"] == "user")
+        n_images = sum(item.get("type") == "image" for item in first_user["content"])
+        assert len(images) == n_images and all(a is b for a, b in zip(images, trace.images))
+        text = "".join(piece for piece, _ in segments)
+        assert text.count("<|image_pad|>") == n_images and text.count("<|im_start|>assistant") == 1
+        first_turn = next(m for m in trace.conversation.messages if m["role"] == "assistant")
+        assert first_turn["content"][0]["text"] in text
+        assert [flag for _, flag in segments] == [False, True]
+    with pytest.raises(ValueError, match="deliberate mistake"):
+        by_kind["image/recrop-once"][0].pointing()
+
+
 def test_choice_questions_are_answered_with_the_option_text(traces):
     """A choice answer names the option (``\\boxed{left}``), never only its letter, where the
     scorer reads the text back as that option; the env scored every such trace correct."""
