@@ -289,10 +289,13 @@ def test_a_stage_freeze_holds_its_prefixes_during_that_stage_only(tmp_path: Path
         train_sft(config(tmp_path / "bad", stages=bad, max_steps=1))
 
 
-def test_reading_stage_trains_the_answer_of_question_and_crop_with_its_own_batch(tmp_path: Path) -> None:
-    """A ``reading`` stage encodes `Trace.reading` items (one image, the answer labelled) and uses its batch size."""
-    reading = SFTStage(tasks=ZOOM_EASY, n_pixel=3, image_mix=SINGLE, steps=2, reading=True, batch_size=3)
-    cfg = config(tmp_path, stages=[reading, SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=3,
+@pytest.mark.parametrize("part, labelled_end", [("reading", "}<|im_end|>"), ("pointing", "</tool_call><|im_end|>")])
+def test_one_turn_stage_trains_its_piece_with_its_own_batch(tmp_path: Path, part: str, labelled_end: str) -> None:
+    """A ``reading`` stage encodes `Trace.reading` items (the final crop, the answer labelled), a
+    ``pointing`` stage `Trace.pointing` items (the original image, the first crop call labelled):
+    one image, one labelled run, shorter than a trace; each stage uses its own batch size."""
+    stage = SFTStage(tasks=ZOOM_EASY, n_pixel=3, image_mix=SINGLE, steps=2, batch_size=3, **{part: True})
+    cfg = config(tmp_path, stages=[stage, SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=3,
                  checkpoint_every=0)
     processor = build_tiny_processor()
     items, _ = stage_items(cfg, 0, processor, BoxVocab())
@@ -300,30 +303,17 @@ def test_reading_stage_trains_the_answer_of_question_and_crop_with_its_own_batch
     for item in items:
         assert int(item["image_grid_thw"].shape[0]) == 1
         labelled = item["loss_mask"].nonzero().flatten()
-        assert len(labelled) and labelled.max() - labelled.min() + 1 == len(labelled)  # one run: the answer turn
+        assert len(labelled) and labelled.max() - labelled.min() + 1 == len(labelled)
+        assert processor.tokenizer.decode(item["input_ids"][labelled]).endswith(labelled_end)
     assert max(len(i["input_ids"]) for i in items) < min(len(t["input_ids"]) for t in traces)
     train_sft(cfg)
     rows = [r for r in read_metrics(tmp_path) if "train/tokens_per_s" in r]
     assert [r["train/stage"] for r in rows] == [0, 0, 1]
+
+
+def test_stage_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         SFTStage(batch_size=0)
-
-
-def test_pointing_stage_trains_the_first_crop_of_question_and_image(tmp_path: Path) -> None:
-    """A ``pointing`` stage encodes `Trace.pointing` items: the original image, the first call labelled, no crop."""
-    pointing = SFTStage(tasks=ZOOM_EASY, n_pixel=3, image_mix=SINGLE, steps=2, pointing=True, batch_size=3)
-    cfg = config(tmp_path, stages=[pointing, SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=3,
-                 checkpoint_every=0)
-    processor = build_tiny_processor()
-    items, _ = stage_items(cfg, 0, processor, BoxVocab())
-    for item in items:
-        assert int(item["image_grid_thw"].shape[0]) == 1
-        labelled = item["loss_mask"].nonzero().flatten()
-        assert len(labelled) and labelled.max() - labelled.min() + 1 == len(labelled)  # one run: the crop call
-        assert processor.tokenizer.decode(item["input_ids"][labelled]).endswith("</tool_call><|im_end|>")
-    train_sft(cfg)
-    rows = [r for r in read_metrics(tmp_path) if "train/tokens_per_s" in r]
-    assert [r["train/stage"] for r in rows] == [0, 0, 1]
     with pytest.raises(ValueError, match="not both"):
         SFTStage(reading=True, pointing=True)
 
