@@ -728,7 +728,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         pointer_smoothing=0.1, eval_every=0, eval_tasks=ZOOM_ALL, eval_samples=100, checkpoint_every=100,
     ),
 }
-"""Named configurations (`--preset`); the documented warm start is ``warmstart``."""
+PRESETS["warmstart-30min"] = dict(
+    PRESETS["warmstart"],
+    stages=[
+        PRESETS["warmstart"]["stages"][0],
+        SFTStage(tasks={"zoom-read": {**ZOOM_ALL["zoom-read"], "shortcut_share": 0.0, "hard_share": 0.0}},
+                 n_pixel=5000, image_mix={"image/single": 1.0}, minutes=10.0, pointing=True, batch_size=32),
+        SFTStage(tasks=ZOOM_EASY, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=2.0),
+        SFTStage(tasks=ZOOM_MID, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=2.0),
+        PRESETS["warmstart"]["stages"][-1],
+    ],
+    max_minutes=30.0,
+)
+"""Named configurations (`--preset`); the documented warm start is ``warmstart``; ``warmstart-30min``
+spends ten more minutes on a pointing stage in the default clutter (docs/results.md)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

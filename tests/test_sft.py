@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from agents.logger import read_metrics
 from agents.sft import (
-    SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, neighbour_boxes, oracle_op_scores, sft_loss_sum,
+    PRESETS, SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, neighbour_boxes, oracle_op_scores, sft_loss_sum,
     snap_to_box_tokens, stage_items, task_source, train_sft,
 )
 from agents.traces import TraceMix, TraceOptions, play_traces, synthesize_traces
@@ -393,3 +393,11 @@ def test_oracle_op_scores_score_each_rows_generated_final_turn() -> None:
     assert oracle_op_scores(_Answers(model, processor, wrong), processor, traces, source, batch_size=3) == [0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="image_kind must be one of"):
         play_traces(source, ids, image_kind="image/none")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_a_valid_config(tmp_path: Path, name: str) -> None:
+    """Each `--preset` builds an `SFTConfig` whose stage minutes fit in its budget."""
+    cfg = SFTConfig(**{**PRESETS[name], "out": str(tmp_path)})
+    timed = sum(s.minutes or 0 for s in cfg.stages) + (cfg.vision_pretrain.minutes if cfg.vision_pretrain else 0)
+    assert timed < cfg.max_minutes and cfg.stages[-1].minutes is None
