@@ -12,6 +12,9 @@ or what a training loop collects) and returns plain numbers:
 - ``crop_iou``: mean IoU of the last requested crop with the evidence box, over episodes
   that have both (None when none does); ``crop_hit_rate``: share of those whose last crop
   contains the whole evidence box.
+- ``crop_area``: mean share of the image covered by the last requested crop, over episodes
+  with a crop (None when none has one): a rising hit rate with a falling IoU shows up here
+  as larger boxes.
 - ``answered``: share of episodes that ended with an answer (not cut by a limit).
 """
 
@@ -23,7 +26,8 @@ from typing import Iterable, Mapping
 TOTAL = "all"
 """The row name of the all-episodes summary in `summarize_by`."""
 
-COLUMNS = ("episodes", "accuracy", "rapr", "mean_ops", "op_error_rate", "crop_iou", "crop_hit_rate", "answered")
+COLUMNS = ("episodes", "accuracy", "rapr", "mean_ops", "op_error_rate", "crop_iou", "crop_hit_rate", "crop_area",
+           "answered")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Metrics:
     op_error_rate: float | None
     crop_iou: float | None
     crop_hit_rate: float | None
+    crop_area: float | None
     answered: float
 
     def as_dict(self, prefix: str = "") -> dict[str, float | int | None]:
@@ -65,6 +70,7 @@ def summarize(infos: Iterable[Mapping]) -> Metrics:
         op_error_rate=errors / calls if calls else None,
         crop_iou=_mean([float(i["crop_iou"]) for i in with_crop]),
         crop_hit_rate=_mean([float(bool(i["crop_hit"])) for i in with_crop]),
+        crop_area=_mean([float(i["crop_area"]) for i in infos if i.get("crop_area") is not None]),
         answered=_mean([float(i.get("answer") is not None) for i in infos]),
     )
 

@@ -38,7 +38,7 @@ ARMS: dict[str, dict[str, Any]] = {
 """The arms: GRPO without the curiosity bonus, with the paper's formula, with the released code's."""
 
 CURVE_KEYS = ("train/rapr", "eval/rapr", "eval/accuracy", "train/needs_ops_rapr", "train/shortcut_rapr",
-              "train/crop_hit_rate")
+              "train/crop_hit_rate", "train/crop_area")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import fixtures
 from agents.cli import main
 
-TABLE_ROW = re.compile(r"^(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([\d.]+)$")
+TABLE_ROW = re.compile(r"^(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([\d.]+)$")
 
 
 def run_eval(capsys: pytest.CaptureFixture, out: Path, *args: str) -> dict[str, tuple[str, ...]]:

@@ -62,7 +62,7 @@ def test_crop_then_answer_scores_and_reports(env):
     assert info["correct"] and info["answer"] == "B" and info["gold_answers"] == ["B"]
     assert info["n_visual_ops"] == 1 and info["n_op_errors"] == 0 and info["used_pixel_reasoning"]
     assert info["crop_iou"] == pytest.approx(1.0, abs=0.05)
-    assert info["crop_hit"] is True
+    assert info["crop_hit"] is True and info["crop_area"] == pytest.approx(40 * 40 / (800 * 600))
     picture = env.render()
     assert picture.ndim == 3 and picture.shape[2] == 3
 
