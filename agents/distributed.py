@@ -55,10 +55,13 @@ def average_gradients(model: torch.nn.Module) -> None:
     to do when `shard` sharded `model`, as FSDP averages its gradients in the backward pass."""
     world = rank_and_world()[1]
     if world > 1 and not is_sharded(model):
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= world
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:  # one all-reduce of all gradients flattened: per-call latency dominates small tensors
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= world
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
 
 
 def all_reduce_sum(value: float) -> float:
@@ -77,6 +80,12 @@ def all_reduce_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. while rank 0 evaluates or saves)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def gather_objects(items: list[Any]) -> list[Any]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from agents import distributed
 from agents.traces import TraceMix, TraceOptions, synthesize_traces
 from pxr_env.tasks import TaskSource
 from pxr_env.tasks.synthetic.common import DIGITS, LETTERS
@@ -79,19 +80,25 @@ def glyph_crops(source: TaskSource, n: int, seed: int, options: TraceOptions,
 def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Sequence[np.ndarray],
                     labels: Sequence[int], config: VisionPretrainConfig, seed: int = 0,
                     log: Callable[[int, dict[str, float]], None] | None = None,
-                    progress: bool = False) -> dict[str, float]:
+                    progress: bool = False, autocast: torch.dtype | None = None) -> dict[str, float]:
     """Train `vision` (the tiny model's image encoder) to name each crop's glyph.
 
     Tokens of each image are max-pooled and a linear head gives the glyph logits; the head
     is dropped at the end. `log` gets ``(step, {"pretrain/loss", "pretrain/held_out_accuracy"})``
     every 50 steps and at the end. Returns the last record plus ``pretrain/minutes``.
+    `autocast` runs the forward passes in that dtype (mixed precision, e.g. ``torch.bfloat16``).
+    In a process group (`agents.distributed`) each rank takes its share of every batch and
+    the gradients are averaged, so the ranks stay identical and the minutes are their mean.
     """
+    rank, world = distributed.rank_and_world()
     held = config.held_out
     train_x, train_y = images[held:], torch.tensor(labels[held:])
     test_x, test_y = images[:held], torch.tensor(labels[:held])
     width = vision.norm.weight.shape[0]
     head = torch.nn.Linear(width, len(GLYPHS))
-    params = [*vision.parameters(), *head.parameters()]
+    distributed.broadcast_parameters(head)
+    trained = torch.nn.ModuleList([vision, head])
+    params = list(trained.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 7])
     was_training = vision.training
@@ -99,7 +106,8 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
 
     def logits(batch: Sequence[np.ndarray]) -> torch.Tensor:
         encoded = image_processor(list(batch), return_tensors="pt")
-        tokens = vision(encoded["pixel_values"], encoded["image_grid_thw"])
+        with torch.autocast(encoded["pixel_values"].device.type, dtype=autocast, enabled=autocast is not None):
+            tokens = vision(encoded["pixel_values"], encoded["image_grid_thw"]).float()
         counts = encoded["image_grid_thw"].prod(-1).tolist()
         return head(torch.stack([t.amax(0) for t in tokens.split(counts)]))
 
@@ -114,17 +122,18 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
 
     record: dict[str, float] = {}
     minutes, losses = 0.0, []
-    bar = tqdm(total=config.steps, desc="vision pretraining", unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, desc="vision pretraining", unit="step", disable=not progress or rank > 0)
     for step in range(1, config.steps + 1):
         tick = time.perf_counter()
-        pick = rng.integers(0, len(train_x), config.batch_size)
+        pick = rng.integers(0, len(train_x), config.batch_size)[rank::world]
         loss = F.cross_entropy(logits([train_x[i] for i in pick]), train_y[pick])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(trained)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        minutes += (time.perf_counter() - tick) / 60
-        losses.append(loss.item())
+        minutes += distributed.all_reduce_sum(time.perf_counter() - tick) / world / 60
+        losses.append(distributed.all_reduce_sum(loss.item()) / world)
         bar.update(1)
         last = step == config.steps or config.minutes is not None and minutes >= config.minutes
         if step % 50 == 0 or last:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +41,10 @@ def config(out: Path, **overrides) -> SFTConfig:
     return SFTConfig(**{**fields, **overrides})
 
 
-def test_loss_falls_and_parameters_move(tmp_path: Path) -> None:
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+def test_loss_falls_and_parameters_move(tmp_path: Path, autocast: str | None) -> None:
     cfg = config(tmp_path, stages=[SFTStage(tasks=ZOOM_EASY, n_pixel=2, image_mix=SINGLE)], max_steps=12, lr=1e-2,
-                 warmup_ratio=0.0, checkpoint_every=0)
+                 warmup_ratio=0.0, checkpoint_every=0, autocast=autocast)
     fresh = build_tiny_model(build_tiny_processor(), seed=cfg.seed, **SMALL).state_dict()
     train_sft(cfg)
     losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
@@ -49,6 +53,7 @@ def test_loss_falls_and_parameters_move(tmp_path: Path) -> None:
     trained = load_file(str(tmp_path / "final" / "model.safetensors"))
     moved = [k for k, v in fresh.items() if k in trained and not torch.equal(v, trained[k])]
     assert "pointer.query.weight" in moved and "model.vision.stem.0.weight" in moved
+    assert all(v.dtype == torch.float32 for v in trained.values())  # autocast leaves the weights in float32
     assert load_chat_format(tmp_path / "final") == cfg.chat_format
     policy = TransformersPolicy.from_pretrained(tmp_path / "final")
     assert (policy.system, policy.question_first) == (cfg.system, True)
@@ -316,6 +321,8 @@ def test_stage_settings_are_checked() -> None:
         SFTStage(batch_size=0)
     with pytest.raises(ValueError, match="not both"):
         SFTStage(reading=True, pointing=True)
+    with pytest.raises(ValueError, match="autocast"):
+        SFTConfig(autocast="int8")
 
 
 def test_a_finer_pointer_grid_trains_on_its_own_box_tokens_and_reloads(tmp_path: Path) -> None:
@@ -401,3 +408,27 @@ def test_every_preset_is_a_valid_config(tmp_path: Path, name: str) -> None:
     cfg = SFTConfig(**{**PRESETS[name], "out": str(tmp_path)})
     timed = sum(s.minutes or 0 for s in cfg.stages) + (cfg.vision_pretrain.minutes if cfg.vision_pretrain else 0)
     assert timed < cfg.max_minutes and cfg.stages[-1].minutes is None
+
+
+def test_two_processes_train_like_one(tmp_path: Path) -> None:
+    """Data parallel (torchrun, gloo): both ranks end with the same weights, equal to one process on the
+    same global batches, through vision pretraining and SFT; rank 0 alone writes the run."""
+    worker = Path(__file__).with_name("_sft_dist_worker.py")
+    env = {**{k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}, "PXR_DIST_BACKEND": "gloo",
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(worker), str(tmp_path / "one")], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(worker), str(tmp_path / "two")], env=env, check=True, timeout=300)
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    rank0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
+    fresh = build_tiny_model(build_tiny_processor(), seed=0, **SMALL).state_dict()
+    assert rank0.keys() == single.keys()
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(value, single[name], rtol=0, atol=1e-4)
+    assert not torch.equal(rank0["model.vision.stem.0.weight"], fresh["model.vision.stem.0.weight"])
+    assert not torch.equal(rank0["pointer.query.weight"], fresh["pointer.query.weight"])
+    rows = read_metrics(tmp_path / "two" / "run")
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert (tmp_path / "two" / "run" / "final" / "model.safetensors").exists()
