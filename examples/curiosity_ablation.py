@@ -45,7 +45,7 @@ CURVE_KEYS = ("train/rapr", "eval/rapr", "eval/accuracy", "train/needs_ops_rapr"
 class Args:
     """Settings of the study; every GRPO field not listed keeps `agents.grpo.GRPOConfig`'s default."""
 
-    warm_start: str = "checkpoints/tiny-warmstart"
+    warm_start: str = "checkpoints/tiny-ablation-start"
     """The warm-started policy every arm starts from."""
     out: str = "runs/ablation"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])

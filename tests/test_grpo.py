@@ -147,11 +147,12 @@ def test_a_killed_run_resumes_with_no_lost_or_repeated_step(tiny_checkpoint, tmp
     assert steps == sorted(set(steps)) and max(steps) >= 5
 
 
-def test_the_final_policy_keeps_its_chat_format(tmp_path):
-    """A policy saved by the trainers loads back with the conversation layout it was trained in."""
+@pytest.mark.parametrize("shipped", ["tiny-warmstart", "tiny-ablation-start", "tiny-curious"])
+def test_the_final_policy_keeps_its_chat_format(tmp_path, shipped):
+    """A shipped policy, saved again as the trainers save, loads back with the conversation layout it was trained in."""
     from agents.vlm.hf import TransformersPolicy
 
-    source = Path(__file__).parents[1] / "checkpoints" / "tiny-warmstart"
+    source = Path(__file__).parents[1] / "checkpoints" / shipped
     policy = TransformersPolicy.from_pretrained(source)
     assert (policy.system, policy.question_first) != (None, False)
     policy.save_pretrained(tmp_path / "saved")
