@@ -36,6 +36,14 @@ def init() -> None:
         dist.init_process_group(backend=backend)
 
 
+def finish() -> None:
+    """Leave the process group, after a last barrier: the communication threads are joined
+    before the interpreter exits (a process that exits with them running can abort)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size): (0, 1) outside a process group."""
     if dist.is_available() and dist.is_initialized():

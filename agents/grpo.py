@@ -508,6 +508,7 @@ def main(argv: Sequence[str] | None = None, config_class: type[GRPOConfig] = GRP
     metrics = trainer_class(config).train()
     if distributed.rank_and_world()[0] == 0:
         print(json.dumps(metrics, indent=2))
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -844,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if distributed.rank_and_world()[0] == 0:
         print(json.dumps({"step": results["step"], "minutes": round(results["minutes"], 2), "eval": results["eval"]},
                          indent=2))
+    distributed.finish()
     return 0
 
 

@@ -50,3 +50,4 @@ if distributed.is_sharded(trainer.trained):
     if rank == 0:  # the full state dicts are gathered there
         torch.testing.assert_close(model_again, model_state, rtol=0, atol=0)
         torch.testing.assert_close(optimizer_again["state"], optimizer_state["state"], rtol=0, atol=0)
+distributed.finish()

@@ -29,3 +29,4 @@ config = SFTConfig(out=str(out / "run"), model=model_overrides, progress=False, 
 model = train_sft(config)["model"]
 save_file({n: p.detach().clone().contiguous() for n, p in model.named_parameters()},
           str(out / f"rank{distributed.rank_and_world()[0]}.safetensors"))
+distributed.finish()
