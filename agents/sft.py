@@ -764,10 +764,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         env_kwargs={"crop_padding": 0.01, "pixel_bounds": {"crop": [112 * 112, 112 * 112]}},
         vision_pretrain=VisionPretrainConfig(
             tasks={"zoom-read": {**ZOOM_READ_WIDE["zoom-read"], "hard_share": 0.0, "questions": ["read"]}},
-            samples=3200, steps=2000, minutes=3.5, batch_size=32, lr=1e-3, held_out=200),
+            samples=6400, steps=2000, minutes=3.5, batch_size=32, lr=1e-3, held_out=200),
         freeze=["model.vision"],
         stages=[
-            SFTStage(tasks=ZOOM_READ_WIDE, n_pixel=3000, image_mix={"image/single": 1.0}, minutes=1.5, reading=True,
+            SFTStage(tasks=ZOOM_READ_WIDE, n_pixel=3000, image_mix={"image/single": 1.0}, minutes=2.5, reading=True,
                      batch_size=32, freeze=["pointer.stem"]),
             SFTStage(tasks=ZOOM_CLUTTER, n_pixel=7000, image_mix={"image/single": 1.0}, minutes=7.0, pointing=True,
                      batch_size=32),
@@ -776,7 +776,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             SFTStage(tasks={"zoom-read": {**ZOOM_ALL["zoom-read"], "shortcut_share": 0.2}}, n_pixel=2500, n_text=500,
                      image_mix={"image/single": 0.85, "image/recrop-once": 0.15}),
         ],
-        max_steps=1000, max_minutes=20.0, batch_size=8, lr=2e-3, warmup_ratio=0.04, pointer_weight=5.0,
+        max_steps=1100, max_minutes=20.0, batch_size=8, lr=2e-3, warmup_ratio=0.04, pointer_weight=5.0,
         pointer_smoothing=0.1, eval_every=0, eval_tasks=ZOOM_ALL, eval_samples=100, checkpoint_every=100,
         autocast="bfloat16",
     ),
