@@ -55,7 +55,7 @@ from agents.checkpoint import capture_rng_states, latest_checkpoint, load_checkp
 from agents.logger import MetricLogger
 from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
-from agents.schedules import cosine_schedule
+from agents.schedules import cosine_factor
 from agents.traces import Trace, TraceMix, TraceOptions, play_traces, synthesize_traces
 from agents.vision_pretrain import VisionPretrainConfig, glyph_crops, pretrain_vision
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
@@ -177,7 +177,9 @@ class SFTConfig:
     max_steps: int = 1000
     """Optimizer steps of the schedule (training stops earlier at `max_minutes`)."""
     max_minutes: float | None = None
-    """Training-time budget in minutes (evaluation excluded); None: no limit."""
+    """Training-time budget in minutes (evaluation excluded); None: no limit. The cosine
+    follows whichever budget runs out first (`lr_position`), so a slower machine that
+    stops on the clock still ends its schedule at the low learning rate."""
     batch_size: int = 8
     """Traces per micro-batch."""
     grad_accum: int = 1
@@ -548,6 +550,15 @@ def save_model(model: Any, processor: Any, chat_format: ChatFormat, env_kwargs: 
     return directory
 
 
+def lr_position(step: int, minutes: float, max_steps: int, max_minutes: float | None) -> int:
+    """The step of the cosine schedule that step `step` takes, `minutes` into a budget of
+    `max_minutes` (None: steps alone): the further of the two, so that the schedule ends
+    with whichever budget runs out first."""
+    if max_minutes is None or max_minutes <= 0:
+        return step
+    return max(step, min(int(max_steps * minutes / max_minutes), max_steps - 1))
+
+
 def _stage_at(config: SFTConfig, step: int, minutes: float, starts: list[int]) -> int:
     """Index of the stage that step `step` belongs to, given the steps at which stages began."""
     index = len(starts) - 1
@@ -625,11 +636,10 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     params = list(trainable.values())
     stage_frozen = [_matching(model, stage.freeze) for stage in config.stages]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = cosine_schedule(optimizer, round(config.warmup_ratio * config.max_steps), config.max_steps,
-                                config.min_lr_ratio)
+    warmup_steps = round(config.warmup_ratio * config.max_steps)
     step, minutes, starts = 0, pretrain_minutes, [0]
     if latest is not None:
-        state = load_checkpoint(latest, model, optimizer, scheduler)
+        state = load_checkpoint(latest, model, optimizer)
         step, minutes, starts = state.step, float(state.extra["minutes"]), list(state.extra["stage_starts"])
         pretrain_minutes = float(state.extra.get("pretrain_minutes", 0.0))
         pretrain_ids = list(state.extra.get("pretrain_ids", []))
@@ -703,8 +713,11 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
             distributed.average_gradients(model)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        position = lr_position(step, minutes - pretrain_minutes, config.max_steps,
+                               None if config.max_minutes is None else config.max_minutes - pretrain_minutes)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * cosine_factor(position, warmup_steps, config.max_steps, config.min_lr_ratio)
         optimizer.step()
-        scheduler.step()
         step += 1
         elapsed = distributed.all_reduce_sum(time.perf_counter() - tick) / world
         minutes += elapsed / 60
@@ -714,7 +727,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         bar.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
             loss = window_loss / max(window_tokens, 1)
-            log(step, {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+            log(step, {"train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"],
                               "train/tokens_per_s": window_seen / max(window_time, 1e-9), "train/stage": index,
                               "train/minutes": minutes})
             bar.set_postfix(loss=f"{loss:.3f}", stage=index, min=f"{minutes:.1f}")
@@ -722,7 +735,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         if step in config.save_at_steps and rank == 0:
             save_model(model, processor, config.chat_format, config.env_kwargs, out / f"model-step{step}")
         if config.checkpoint_every and step % config.checkpoint_every == 0 and rank == 0:
-            save_checkpoint(checkpoints, model, optimizer, scheduler, step, capture_rng_states(),
+            save_checkpoint(checkpoints, model, optimizer, None, step, capture_rng_states(),
                             extra={"minutes": minutes, "stage_starts": starts, "pretrain_minutes": pretrain_minutes,
                                    "pretrain_ids": pretrain_ids}, keep_last=config.keep_checkpoints)
         if config.eval_every and step % config.eval_every == 0:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from agents.logger import read_metrics
 from agents.sft import (
-    PRESETS, SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, neighbour_boxes, oracle_op_scores, sft_loss_sum,
+    PRESETS, SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, lr_position, neighbour_boxes, oracle_op_scores,
+    sft_loss_sum,
     snap_to_box_tokens, stage_items, task_source, train_sft,
 )
 from agents.traces import TraceMix, TraceOptions, play_traces, synthesize_traces
@@ -400,6 +401,16 @@ def test_oracle_op_scores_score_each_rows_generated_final_turn() -> None:
     assert oracle_op_scores(_Answers(model, processor, wrong), processor, traces, source, batch_size=3) == [0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="image_kind must be one of"):
         play_traces(source, ids, image_kind="image/none")
+
+
+def test_lr_position_follows_the_budget_that_runs_out_first() -> None:
+    """The cosine position is the step, or the share of the minutes spent if that is further on:
+    a run that stops on the clock still reaches the end of its schedule."""
+    assert lr_position(10, 1.0, 100, None) == 10
+    assert lr_position(10, 1.0, 100, 20.0) == 10  # the steps lead: 5% of the minutes, 10% of the steps
+    assert lr_position(10, 5.0, 100, 20.0) == 25  # the clock leads
+    assert lr_position(10, 19.99, 100, 20.0) == 99 and lr_position(10, 25.0, 100, 20.0) == 99  # the last step, not past it
+    assert lr_position(150, 1.0, 100, 20.0) == 150
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
