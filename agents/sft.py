@@ -774,29 +774,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         model={"hidden_size": 128, "intermediate_size": 384, "vision_num_layers": 1, "token_conv": True,
                "stem_norm": True, "image_summary": True, "pointer_grid": 28, "pointer_subcells": 2,
                "pointer_stem": True, "box_sizes": [0.05, 0.12, 0.25, 0.45]},
-        env_kwargs={"crop_padding": 0.01, "pixel_bounds": {"crop": [112 * 112, 112 * 112]}},
+        env_kwargs={"crop_padding": 0.02, "pixel_bounds": {"crop": [112 * 112, 112 * 112]}},
         vision_pretrain=VisionPretrainConfig(
             tasks={"zoom-read": {**ZOOM_READ_WIDE["zoom-read"], "hard_share": 0.0, "questions": ["read"]}},
-            samples=6400, steps=2000, minutes=3.5, batch_size=32, lr=1e-3, held_out=200),
+            samples=9600, steps=3000, minutes=4.5, batch_size=32, lr=1e-3, held_out=200),
         freeze=["model.vision"],
         stages=[
-            SFTStage(tasks=ZOOM_READ_WIDE, n_pixel=3000, image_mix={"image/single": 1.0}, minutes=2.5, reading=True,
+            SFTStage(tasks=ZOOM_READ_WIDE, n_pixel=6000, image_mix={"image/single": 1.0}, minutes=3.5, reading=True,
                      batch_size=32, freeze=["pointer.stem"]),
-            SFTStage(tasks=ZOOM_CLUTTER, n_pixel=7000, image_mix={"image/single": 1.0}, minutes=7.0, pointing=True,
+            SFTStage(tasks=ZOOM_CLUTTER, n_pixel=6000, image_mix={"image/single": 1.0}, minutes=6.0, pointing=True,
                      batch_size=32),
             SFTStage(tasks=ZOOM_EASY, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=1.5),
             SFTStage(tasks=ZOOM_MID, n_pixel=1500, image_mix={"image/single": 1.0}, minutes=1.5),
             SFTStage(tasks={"zoom-read": {**ZOOM_ALL["zoom-read"], "shortcut_share": 0.2}}, n_pixel=2500, n_text=500,
                      image_mix={"image/single": 0.85, "image/recrop-once": 0.15}),
         ],
-        max_steps=1100, max_minutes=20.0, batch_size=8, lr=2e-3, warmup_ratio=0.04, pointer_weight=5.0,
+        max_steps=1300, max_minutes=20.0, batch_size=8, lr=2e-3, warmup_ratio=0.04, pointer_weight=5.0,
         pointer_smoothing=0.1, eval_every=0, eval_tasks=ZOOM_ALL, eval_samples=100, checkpoint_every=100,
         autocast="bfloat16",
     ),
 }
 """Named configurations (`--preset`). ``warmstart`` is the documented warm start: 20 minutes on
 two processes (``torchrun --standalone --nproc-per-node 2 -m agents.sft``), bfloat16 autocast;
-vision pretraining, a reading stage, seven minutes of pointing in the default clutter, then
+vision pretraining, a reading stage, six minutes of pointing in the default clutter, then
 whole traces from uncluttered to the default suite (docs/results.md)."""
 
 
