@@ -133,7 +133,8 @@ def test_eval_hook_reports_closed_loop_metrics(tmp_path: Path) -> None:
                               eval_every=1, eval_samples=2, checkpoint_every=0),
                        on_eval=lambda step, metrics: seen.append((step, metrics)))
     assert [s for s, _ in seen] == [1, 2]
-    for key in ("accuracy", "rapr", "answered", "zoom-read/accuracy", "acc_oracle_ops", "zoom-read/acc_oracle_ops"):
+    for key in ("accuracy", "rapr", "answered", "zoom-read/accuracy", "acc_oracle_ops", "zoom-read/acc_oracle_ops",
+                "box_hit_mass", "zoom-read/box_top_mass"):
         assert 0.0 <= result["eval"][key] <= 1.0
     logged = [r for r in read_metrics(tmp_path) if "eval/accuracy" in r]
     assert [r["step"] for r in logged] == [1, 2]

@@ -1,0 +1,70 @@
+"""How much of a tiny model's box distribution holds the evidence: greedy against sampled pointing.
+
+A tiny model writes its first crop as one box token (`agents.vlm.tiny.boxes.BoxVocab`). Greedy
+decoding takes the most probable box; RL samples one. The two can differ far more than their
+accuracies suggest: a model whose greedy box holds the evidence on most items may put only a
+third of its probability on boxes that do, and then its sampled rollouts miss where its greedy
+ones hit (docs/results.md, "The sampled pointer"). `first_box_hit_mass` measures this on
+played ``image/single`` traces: the prompt and the oracle's text of the first turn up to the
+box are given (teacher forcing), and the distribution over the next token is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from agents.traces import Trace
+from agents.vlm.encoding import encode_segments
+from agents.vlm.hf import model_inputs, pad_items
+from agents.vlm.tiny.boxes import BoxVocab
+from pxr_env import ops
+from pxr_env.tasks import TaskSource
+
+
+def hitting_boxes(vocab: BoxVocab, size: tuple[int, int], evidence: Sequence[float], padding: float) -> np.ndarray:
+    """``(len(vocab),)`` True where the env's padded crop of the box holds the whole evidence box
+    (pixels of an image of `size` = (width, height)), as the env's ``crop_hit`` counts it."""
+    ex1, ey1, ex2, ey2 = evidence
+    out = np.zeros(len(vocab), dtype=bool)
+    for index, box in enumerate(vocab.boxes):
+        left, top, right, bottom = ops.crop_box_pixels(box, size, padding)
+        out[index] = left <= ex1 and top <= ey1 and right >= ex2 and bottom >= ey2
+    return out
+
+
+def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], source: TaskSource, vocab: BoxVocab,
+                       crop_padding: float, batch_size: int = 16) -> list[dict[str, float]]:
+    """For each ``image/single`` trace (written with `vocab`'s box tokens): ``hit_mass``, the probability at
+    temperature 1 that the first box holds the evidence; ``top_mass``, the probability of the
+    most probable token; ``greedy_hit``, 1.0 when that token is a box that holds the evidence.
+    Other traces (video, textual) are skipped. The model is left in its mode."""
+    start = model.config.box_token_start_id
+    chosen = [t for t in traces if t.kind == "image/single"]
+    was_training = model.training
+    model.eval()
+    rows: list[dict[str, float]] = []
+    try:
+        for first in range(0, len(chosen), batch_size):
+            chunk = chosen[first:first + batch_size]
+            items, positions = [], []
+            for trace in chunk:
+                item = encode_segments(processor, *trace.pointing())
+                box_at = ((item["input_ids"] >= start) & item["loss_mask"].bool()).nonzero().flatten()
+                items.append(item)
+                positions.append(int(box_at[0]) - 1)
+            with torch.no_grad():
+                logits = model(**model_inputs(pad_items(processor, items, "right"), next(model.parameters()).device)).logits
+            for trace, row, position in zip(chunk, logits, positions):
+                probs = torch.softmax(row[position].float(), dim=-1)
+                sample = source.get(trace.sample_id)
+                height, width = sample.load_image().shape[:2]
+                hits = torch.from_numpy(hitting_boxes(vocab, (width, height), sample.evidence_box, crop_padding))
+                top = int(probs.argmax())
+                rows.append({"hit_mass": float(probs[start:][hits].sum()), "top_mass": float(probs[top]),
+                             "greedy_hit": float(top >= start and bool(hits[top - start]))})
+    finally:
+        model.train(was_training)
+    return rows
