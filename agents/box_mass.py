@@ -37,18 +37,20 @@ def hitting_boxes(vocab: BoxVocab, size: tuple[int, int], evidence: Sequence[flo
 
 def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], source: TaskSource, vocab: BoxVocab,
                        crop_padding: float, batch_size: int = 16) -> list[dict[str, float]]:
-    """For each ``image/single`` trace (written with `vocab`'s box tokens): ``hit_mass``, the probability at
-    temperature 1 that the first box holds the evidence; ``top_mass``, the probability of the
-    most probable token; ``greedy_hit``, 1.0 when that token is a box that holds the evidence.
-    Other traces (video, textual) are skipped. The model is left in its mode."""
+    """For each ``image/single`` trace (written with `vocab`'s box tokens), in order: ``hit_mass``, the
+    probability at temperature 1 that the first box holds the evidence; ``top_mass``, the
+    probability of the most probable token; ``greedy_hit``, 1.0 when that token is a box that
+    holds the evidence. The model is left in its mode."""
+    others = sorted({t.kind for t in traces if t.kind != "image/single"})
+    if others:
+        raise ValueError(f"box mass is read on image/single traces (one crop of the evidence), got {others}")
     start = model.config.box_token_start_id
-    chosen = [t for t in traces if t.kind == "image/single"]
     was_training = model.training
     model.eval()
     rows: list[dict[str, float]] = []
     try:
-        for first in range(0, len(chosen), batch_size):
-            chunk = chosen[first:first + batch_size]
+        for first in range(0, len(traces), batch_size):
+            chunk = traces[first:first + batch_size]
             items, positions = [], []
             for trace in chunk:
                 item = encode_segments(processor, *trace.pointing())

@@ -503,21 +503,22 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
                                env_kwargs=dict(env_kwargs or {}))
         traces = play_traces(source, sample_ids, options=options)
         scores = oracle_op_scores(model, processor, traces, source, batch_size)
-        groups: dict[str, list[float]] = {"": scores} if scores else {}
-        for trace, score in zip(traces, scores):
-            groups.setdefault(f"{trace.info['family']}/", []).append(score)
-        out.update({f"{name}acc_oracle_ops": sum(group) / len(group) for name, group in groups.items()})
+        out.update(_family_means("acc_oracle_ops", traces, scores))
         if boxes is not None:
             padding = dict(env_kwargs or {}).get("crop_padding", ops.CROP_PADDING)
             images = [t for t in traces if t.kind == "image/single"]
             masses = first_box_hit_mass(model, processor, images, source, boxes, padding, batch_size)
-            by_name: dict[str, list[dict[str, float]]] = {"": masses} if masses else {}
-            for trace, row in zip(images, masses):
-                by_name.setdefault(f"{trace.info['family']}/", []).append(row)
-            for name, rows in by_name.items():
-                out[f"{name}box_hit_mass"] = float(np.mean([r["hit_mass"] for r in rows]))
-                out[f"{name}box_top_mass"] = float(np.mean([r["top_mass"] for r in rows]))
+            out.update(_family_means("box_hit_mass", images, [m["hit_mass"] for m in masses]))
+            out.update(_family_means("box_top_mass", images, [m["top_mass"] for m in masses]))
     return out
+
+
+def _family_means(key: str, traces: Sequence[Trace], values: Sequence[float]) -> dict[str, float]:
+    """``{key: mean, "<family>/key": mean per family}`` of one value per trace (empty when there are none)."""
+    groups: dict[str, list[float]] = {"": list(values)} if values else {}
+    for trace, value in zip(traces, values):
+        groups.setdefault(f"{trace.info['family']}/", []).append(value)
+    return {f"{name}{key}": float(np.mean(group)) for name, group in groups.items()}
 
 
 def answer_only_bound(tasks: TaskSpec, sample_ids: Sequence[str]) -> dict[str, float]:

@@ -58,3 +58,13 @@ def test_first_box_hit_mass_reads_the_distribution_at_the_first_box() -> None:
         holds = hitting_boxes(vocab, (width, height), sample.evidence_box, 0.1)[0]
         assert row["hit_mass"] == pytest.approx(float(holds)) and row["greedy_hit"] == float(holds)
     assert first_box_hit_mass(model, processor, traces[:2], source, vocab, 0.1)[0]["hit_mass"] < 0.5  # untrained
+
+
+def test_first_box_hit_mass_refuses_traces_without_one_evidence_crop() -> None:
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, vision_num_layers=1)
+    source = task_source(ZOOM_EASY)
+    traces = play_traces(source, ["zoom-read/30"], image_kind="image/zoom-in",
+                         options=TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat()))
+    with pytest.raises(ValueError, match="image/single"):
+        first_box_hit_mass(model, processor, traces, source, box_vocab(model.config), 0.1)
