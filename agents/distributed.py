@@ -72,11 +72,16 @@ def average_gradients(model: torch.nn.Module) -> None:
                 g.copy_(part.view_as(g))
 
 
+def _reduction_device() -> torch.device:
+    """Where a reduced scalar must live: NCCL reduces GPU tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(value: float) -> float:
     """The sum of `value` over ranks."""
     if rank_and_world()[1] == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_reduction_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())
 
@@ -85,7 +90,7 @@ def all_reduce_max(value: int) -> int:
     """The largest `value` over ranks."""
     if rank_and_world()[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=_reduction_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 

@@ -49,7 +49,8 @@ from agents.logger import MetricLogger
 from agents.metrics import summarize
 from agents.rollout import Trajectory, collect
 from agents.schedules import cosine_schedule
-from agents.vlm.hf import TransformersPolicy, pad_items, placeholder_token_ids, token_logprobs, trajectory_item
+from agents.vlm.hf import (TransformersPolicy, load_model, pad_items, placeholder_token_ids, token_logprobs,
+                           trajectory_item)
 from pxr_env.tasks import make_task_source
 from wrappers.curiosity import group_shaped_rewards
 
@@ -127,6 +128,8 @@ class GRPOConfig:
     threads: int = 0
     """torch threads (0: leave torch's default)."""
     device: str = "cpu"
+    dtype: str = "float32"
+    """Weights (and optimizer state) dtype: ``"bfloat16"`` halves a large model's memory."""
     fsdp: bool = False
     """With several processes, shard the trained weights, gradients and optimizer state over them (FSDP2)."""
     progress: bool = True
@@ -217,14 +220,14 @@ class GRPOTrainer:
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
         self.policy = TransformersPolicy.from_pretrained(
-            config.model, device=config.device, temperature=config.temperature, top_p=config.top_p,
+            config.model, device=config.device, dtype=config.dtype, temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=config.seed)
         self.policy.env_kwargs = {**self.policy.env_kwargs, **config.env_kwargs}
         self.model, self.processor = self.policy.model, self.policy.processor
         self.suppressed = placeholder_token_ids(self.processor)
         self.reference = None
         if config.kl_coef > 0:
-            self.reference = type(self.model).from_pretrained(config.model).to(config.device).eval()
+            self.reference = load_model(config.model, dtype=config.dtype, device=config.device).eval()
             self.reference.requires_grad_(False)
         self.trained = self._trained_module()
         distributed.broadcast_parameters(self.trained)

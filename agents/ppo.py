@@ -50,7 +50,7 @@ from agents.advantages import gae, value_loss
 from agents.grpo import REWARD_KEYS, GRPOConfig, GRPOTrainer
 from agents.grpo import main as _main
 from agents.rollout import Trajectory
-from agents.vlm.hf import model_inputs, pad_items, token_logprobs, trajectory_item
+from agents.vlm.hf import load_model, model_inputs, pad_items, token_logprobs, trajectory_item
 from wrappers.curiosity import RunningRaPR, curiosity_bonus
 from wrappers.efficiency import efficiency_penalty
 
@@ -160,11 +160,7 @@ class ActorCritic(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ActorCritic":
-        from transformers import AutoModelForImageTextToText
-
-        import agents.vlm.tiny  # noqa: F401  (registers the tiny model with the Auto classes)
-
-        return cls(AutoModelForImageTextToText.from_pretrained(path), ValueHead.load(Path(path) / VALUE_HEAD_FILE))
+        return cls(load_model(path), ValueHead.load(Path(path) / VALUE_HEAD_FILE))
 
 
 def _substate(state: Mapping[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:

@@ -62,7 +62,7 @@ from agents.vision_pretrain import VisionPretrainConfig, glyph_crops, pretrain_v
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
-from agents.vlm.hf import TransformersPolicy, model_inputs, pad_items
+from agents.vlm.hf import TransformersPolicy, load_model, model_inputs, pad_items
 from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
 from pxr_env import ops
 from pxr_env.actions import extract_answer
@@ -244,6 +244,11 @@ class SFTConfig:
     """Mixed precision of the training forward passes (vision pretraining and SFT): ``"bfloat16"``
     or None (float32). Weights and optimizer state stay float32. On a CPU with AVX-512 BF16 a
     step of the tiny model takes about 0.65-0.8 of the float32 time (`benchmarks/sft_step.py`)."""
+    device: str = "cpu"
+    """Where the model trains and is evaluated (``"cuda"``: the process's current GPU)."""
+    dtype: str = "float32"
+    """Weights (and so optimizer state) dtype of a model loaded with `init_from`: ``"bfloat16"``
+    halves the memory of a large checkpoint; a fresh tiny model is always float32."""
     log_every: int = 10
     """Steps between training-metric records."""
     progress: bool = True
@@ -276,6 +281,8 @@ class SFTConfig:
             raise ValueError("model overrides apply to a fresh model only; drop them or init_from")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         task_source(self.eval_tasks)
 
     @property
@@ -545,15 +552,13 @@ def answer_only_bound(tasks: TaskSpec, sample_ids: Sequence[str]) -> dict[str, f
 
 def _build(config: SFTConfig) -> tuple[Any, Any]:
     if config.init_from is not None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
-        import agents.vlm.tiny  # noqa: F401  (registers the tiny model)
-
-        return (AutoModelForImageTextToText.from_pretrained(config.init_from),
+        return (load_model(config.init_from, dtype=config.dtype, device=config.device),
                 AutoProcessor.from_pretrained(config.init_from))
     boxes = box_vocab(TinyVLMConfig(**config.model))
     processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
-    return build_tiny_model(processor, seed=config.seed, **config.model), processor
+    return build_tiny_model(processor, seed=config.seed, **config.model).to(config.device), processor
 
 
 def save_model(model: Any, processor: Any, chat_format: ChatFormat, env_kwargs: Mapping[str, Any],
@@ -714,12 +719,13 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         micro = [[_expand(items[i]) for i in batch_indices(len(items), batch_size, config.seed, index,
                                                            (step - starts[index]) * config.grad_accum + k)[rank::world]]
                  for k in range(config.grad_accum)]
-        batches = [collate(m, pad_id) for m in micro]
+        batches = [{k: v.to(config.device) for k, v in collate(m, pad_id).items()} for m in micro]
         n_tokens = int(distributed.all_reduce_sum(sum(int((b["labels"] != IGNORE_INDEX)[:, 1:].sum())
                                                       for b in batches)))
         total = 0.0
         for batch in batches:
-            with torch.autocast("cpu", dtype=config.autocast_dtype, enabled=config.autocast is not None):
+            with torch.autocast(torch.device(config.device).type, dtype=config.autocast_dtype,
+                                enabled=config.autocast is not None):
                 loss_sum, _ = sft_loss_sum(model, batch, config.pointer_smoothing, neighbours, config.pointer_weight,
                                            config.answer_weight)
             (loss_sum * world / max(n_tokens, 1)).backward()
@@ -831,6 +837,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="optimizer steps of the schedule")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per process)")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="mixed-precision training forward passes")
+    parser.add_argument("--device", help="where to train, e.g. cuda (default: the config's, cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype of an init_from model (default: the config's, float32)")
     parser.add_argument("--seed", type=int, help="seed of the initialisation, traces and batch order (default: the preset's)")
     parser.add_argument("--evaluate", metavar="MODEL_DIR",
                         help="only evaluate a saved model (closed loop) and the answer-only bound; results to OUT "
@@ -869,7 +878,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      max_minutes=args.max_minutes if args.max_minutes is not None else config.max_minutes,
                      max_steps=args.max_steps or config.max_steps,
                      seed=args.seed if args.seed is not None else config.seed,
-                     autocast=args.autocast or config.autocast)
+                     autocast=args.autocast or config.autocast, device=args.device or config.device,
+                     dtype=args.dtype or config.dtype)
     distributed.init()
     results = train_sft(config)
     if distributed.rank_and_world()[0] == 0:

@@ -95,7 +95,9 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     train_x, train_y = images[held:], torch.tensor(labels[held:])
     test_x, test_y = images[:held], torch.tensor(labels[:held])
     width = vision.norm.weight.shape[0]
-    head = torch.nn.Linear(width, len(GLYPHS))
+    device = vision.norm.weight.device
+    train_y, test_y = train_y.to(device), test_y.to(device)
+    head = torch.nn.Linear(width, len(GLYPHS), device=device)
     distributed.broadcast_parameters(head)
     trained = torch.nn.ModuleList([vision, head])
     params = list(trained.parameters())
@@ -105,8 +107,8 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     vision.train()
 
     def logits(batch: Sequence[np.ndarray]) -> torch.Tensor:
-        encoded = image_processor(list(batch), return_tensors="pt")
-        with torch.autocast(encoded["pixel_values"].device.type, dtype=autocast, enabled=autocast is not None):
+        encoded = {k: v.to(device) for k, v in image_processor(list(batch), return_tensors="pt").items()}
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             tokens = vision(encoded["pixel_values"], encoded["image_grid_thw"]).float()
         counts = encoded["image_grid_thw"].prod(-1).tolist()
         return head(torch.stack([t.amax(0) for t in tokens.split(counts)]))

@@ -303,6 +303,26 @@ class ChatPolicy(ABC):
         return n
 
 
+def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False) -> Any:
+    """``AutoModelForImageTextToText`` from a folder or hub id, its weights in `dtype`, on `device`.
+
+    The tiny model of `agents.vlm.tiny` is registered first. Hub kernels stay off: transformers
+    turns them on by default when the ``kernels`` package is installed and then downloads
+    kernel code from the hub the first time the model is put in train or eval mode on a GPU,
+    which fails on a machine without hub access and runs code nobody pinned.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    import agents.vlm.tiny  # noqa: F401  (registers the tiny model with the Auto classes)
+
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
+                                                        trust_remote_code=trust_remote_code, use_kernels=False)
+    return model.to(device)
+
+
 class TransformersPolicy(ChatPolicy):
     """A transformers VLM and its processor as a batched text-mode policy (see the module doc).
 
@@ -330,14 +350,9 @@ class TransformersPolicy(ChatPolicy):
         ``system`` and ``question_first``; checkpoints without one keep the standard format.
         Its saved env settings (`agents.vlm.env_settings`) become ``policy.env_kwargs``.
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
-        import agents.vlm.tiny  # noqa: F401  (registers the tiny model with the Auto classes)
-
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-        model = AutoModelForImageTextToText.from_pretrained(
-            name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(device)
+        model = load_model(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         chat_format = load_chat_format(name_or_path) if Path(name_or_path).is_dir() else ChatFormat()
         options = {"system": chat_format.system, "question_first": chat_format.question_first, **options}

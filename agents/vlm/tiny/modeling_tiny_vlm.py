@@ -43,7 +43,6 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput, can_return_tuple
 
 from agents.vlm.tiny.configuration_tiny_vlm import TinyVLMConfig
@@ -534,7 +533,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 pointer_keys, pointer_valid = self.image_one_keys(hidden, input_ids, image_grid_thw, pixel_values)
         elif pointer_valid is None:
             raise ValueError("pointer_keys need pointer_valid (both come in the model's output)")
-        hidden = slice_logits_to_keep(hidden, logits_to_keep)
+        hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
         start = self.config.box_token_start_id
         logits = torch.cat([self.lm_head(hidden)[..., :start],
                             self.pointer(hidden, pointer_keys, pointer_valid)], dim=-1)
