@@ -58,7 +58,7 @@ from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
 from agents.schedules import cosine_factor
 from agents.traces import Trace, TraceMix, TraceOptions, play_traces, synthesize_traces
-from agents.vision_pretrain import VisionPretrainConfig, glyph_crops, pretrain_vision
+from agents.vision_pretrain import VisionPretrainConfig, evidence_crops, glyph_crops, pretrain_vision
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
@@ -203,8 +203,9 @@ class SFTConfig:
     ``["model.vision.stem", "model.vision.summary"]``: the SFT's pointing loss otherwise
     overwrites pretrained glyph features within a few hundred steps (docs/results.md)."""
     vision_pretrain: VisionPretrainConfig | None = None
-    """Pretrain a fresh tiny model's image encoder to name the glyphs of its trace crops before
-    the SFT (`agents.vision_pretrain`; a dict of `VisionPretrainConfig` fields is accepted).
+    """Pretrain the tiny model's image encoder on what its crops show before the SFT
+    (`agents.vision_pretrain`; a dict of `VisionPretrainConfig` fields is accepted): a fresh
+    model's, or an `init_from` model's for a family it has not read yet (``target: "dense"``).
     Its crops come from its own task spec or the first stage's; its minutes count in `max_minutes`."""
     pointer_weight: float = 1.0
     """Loss weight of box-token targets (one pointing decision among ~100 trained tokens of a trace)."""
@@ -258,8 +259,6 @@ class SFTConfig:
         self.stages = [s if isinstance(s, SFTStage) else SFTStage(**s) for s in self.stages]
         if isinstance(self.vision_pretrain, Mapping):
             self.vision_pretrain = VisionPretrainConfig(**self.vision_pretrain)
-        if self.vision_pretrain is not None and self.init_from is not None:
-            raise ValueError("vision_pretrain applies to a fresh tiny model; drop it or init_from")
         if not self.stages:
             raise ValueError("stages needs at least one SFTStage")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "max_new_tokens",
@@ -614,11 +613,15 @@ def _freeze(model: Any, prefixes: Sequence[str]) -> None:
 def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[float, list[str], dict[str, float]]:
     """Run `config.vision_pretrain`; returns its minutes, the sample ids of its crops and its last record."""
     pretrain = config.vision_pretrain
-    options = TraceOptions(box_writer=BoxSnapper(box_vocab(model.config)), chat_format=config.chat_format,
-                           env_kwargs=dict(config.env_kwargs))
-    images, labels, ids = glyph_crops(task_source(pretrain.tasks or config.stages[0].tasks), pretrain.samples,
-                                      config.seed * 1000 + 999,
-                                      options, workers=config.trace_workers, progress=config.progress)
+    source, seed = task_source(pretrain.tasks or config.stages[0].tasks), config.seed * 1000 + 999
+    if pretrain.target == "dense":
+        crop_bounds = ops.PixelBounds.resolve(config.env_kwargs.get("pixel_bounds", "tiny")).crop
+        images, labels, ids = evidence_crops(source, pretrain.samples, seed, crop_bounds)
+    else:
+        options = TraceOptions(box_writer=BoxSnapper(box_vocab(model.config)), chat_format=config.chat_format,
+                               env_kwargs=dict(config.env_kwargs))
+        images, labels, ids = glyph_crops(source, pretrain.samples, seed, options, workers=config.trace_workers,
+                                          progress=config.progress)
     record = pretrain_vision(model.model.vision, processor.image_processor, images, labels, pretrain,
                              seed=config.seed, progress=config.progress, autocast=config.autocast_dtype)
     return record["pretrain/minutes"], sorted(ids), record

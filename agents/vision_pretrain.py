@@ -24,10 +24,15 @@ from tqdm.auto import tqdm
 from agents import distributed
 from agents.traces import TraceMix, TraceOptions, synthesize_traces
 from pxr_env.tasks import TaskSource
-from pxr_env.tasks.synthetic.common import DIGITS, LETTERS
+from pxr_env.tasks.synthetic.common import COLOUR_NAMES, DIGITS, LETTERS, SHAPES, crop_view
 
 GLYPHS: tuple[str, ...] = (*DIGITS, *LETTERS)
 """The classes of the glyph head: every glyph the zoom-read family draws."""
+OBJECTS: tuple[str, ...] = (*GLYPHS, *(f"{colour} {shape}" for shape in SHAPES for colour in COLOUR_NAMES))
+"""The classes of the dense head: the glyphs of charts and the coloured shapes of counts."""
+
+Points = list[tuple[float, float, int]]
+"""Objects a crop shows: centre ``(x, y)`` as fractions of the crop's width and height, index in `OBJECTS`."""
 
 
 @dataclass
@@ -36,6 +41,10 @@ class VisionPretrainConfig:
 
     tasks: dict[str, dict[str, Any]] | None = None
     """Task spec of the crops (None: the first SFT stage's)."""
+    target: str = "glyph"
+    """``"glyph"``: name the target glyph of zoom-read crops (`glyph_crops`); ``"dense"``: mark
+    on every token the glyphs and coloured shapes whose centre it holds, on crops around
+    the evidence of chart and count samples (`evidence_crops`)."""
     samples: int = 3000
     """Crops synthesized (``image/single`` traces of the task spec; held out of evaluation)."""
     steps: int = 300
@@ -52,6 +61,8 @@ class VisionPretrainConfig:
     def __post_init__(self) -> None:
         if min(self.samples, self.steps, self.batch_size) < 1 or not 0 <= self.held_out < self.samples:
             raise ValueError("vision pretraining needs samples, steps, batch_size >= 1 and 0 <= held_out < samples")
+        if self.target not in ("glyph", "dense"):
+            raise ValueError(f"vision pretraining target must be 'glyph' or 'dense', got {self.target!r}")
         if self.lr <= 0 or self.minutes is not None and self.minutes <= 0:
             raise ValueError("vision pretraining needs lr > 0 and minutes > 0 when set")
 
@@ -77,14 +88,66 @@ def glyph_crops(source: TaskSource, n: int, seed: int, options: TraceOptions,
     return images, labels, ids
 
 
+def _shown_objects(sample: Any) -> list[tuple[tuple[float, float, float, float], int]]:
+    """Boxes (pixels of the original) and `OBJECTS` indices of what a chart or count sample draws."""
+    if sample.family == "chart":
+        return [(box, OBJECTS.index(char)) for value in sample.meta["values"]
+                for char, box in zip(value["text"], value["glyph_boxes"]) if char in GLYPHS]
+    if sample.family == "count":
+        return [(obj["box"], OBJECTS.index(f"{obj['colour']} {obj['shape']}")) for obj in sample.meta["objects"]]
+    raise ValueError(f"dense pretraining reads chart and count samples, not {sample.family!r}")
+
+
+def evidence_crops(source: TaskSource, n: int, seed: int, crop_bounds: tuple[int, int],
+                   jitter: float = 0.15) -> tuple[list[np.ndarray], list[Points], list[str]]:
+    """Crops around the evidence of `n` chart or count samples, as the env shows them, with the
+    objects each one shows (`Points`) and its sample id.
+
+    Each crop is a square (in fractions of the image, as the tiny model's box tokens are)
+    of 1 to 1.4 times the evidence's larger side, its centre moved by up to `jitter` of the
+    side, so that objects are seen at the scales and offsets the policy's crops give.
+    """
+    rng = np.random.default_rng([seed, 11])
+    images, points, ids = [], [], []
+    for _ in range(n):
+        sample = source.sample(rng)
+        image = sample.load_image()
+        height, width = image.shape[:2]
+        left, top, right, bottom = sample.evidence_box
+        side = min(1.0, max((right - left) / width, (bottom - top) / height) * rng.uniform(1.0, 1.4))
+        cx = (left + right) / 2 / width + rng.uniform(-jitter, jitter) * side
+        cy = (top + bottom) / 2 / height + rng.uniform(-jitter, jitter) * side
+        x0, y0 = float(np.clip(cx - side / 2, 0, 1 - side)), float(np.clip(cy - side / 2, 0, 1 - side))
+        shown, (px0, py0, px1, py1) = crop_view(image, (x0 * width, y0 * height, (x0 + side) * width,
+                                                       (y0 + side) * height), crop_bounds=crop_bounds)
+        seen = [(((b[0] + b[2]) / 2 - px0) / (px1 - px0), ((b[1] + b[3]) / 2 - py0) / (py1 - py0), index)
+                for b, index in _shown_objects(sample)]
+        images.append(shown)
+        points.append([(x, y, index) for x, y, index in seen if 0 <= x < 1 and 0 <= y < 1])
+        ids.append(sample.sample_id)
+    return images, points, ids
+
+
+def token_targets(points: Points, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Multi-hot ``(grid_h * grid_w, len(OBJECTS))``: each token marks the objects whose centre it holds."""
+    target = torch.zeros(grid_h * grid_w, len(OBJECTS))
+    for x, y, index in points:
+        target[int(y * grid_h) * grid_w + int(x * grid_w), index] = 1.0
+    return target
+
+
 def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Sequence[np.ndarray],
-                    labels: Sequence[int], config: VisionPretrainConfig, seed: int = 0,
+                    labels: Sequence[int] | Sequence[Points], config: VisionPretrainConfig, seed: int = 0,
                     log: Callable[[int, dict[str, float]], None] | None = None,
                     progress: bool = False, autocast: torch.dtype | None = None) -> dict[str, float]:
-    """Train `vision` (the tiny model's image encoder) to name each crop's glyph.
+    """Train `vision` (the tiny model's image encoder) to name what each crop shows.
 
-    Tokens of each image are max-pooled and a linear head gives the glyph logits; the head
-    is dropped at the end. `log` gets ``(step, {"pretrain/loss", "pretrain/held_out_accuracy"})``
+    With `labels` one `GLYPHS` index per crop (`glyph_crops`), the tokens of each image are
+    max-pooled and a linear head names the glyph. With `Points` per crop (`evidence_crops`),
+    the target is dense: a linear head on every token marks which `OBJECTS` have their centre
+    in that token (a multi-label loss), so that a token says which glyph of a value, or
+    which coloured shapes of a count, it holds; accuracy is then the share of marked tokens
+    whose top class is one they hold. The head is dropped at the end. `log` gets ``(step, {"pretrain/loss", "pretrain/held_out_accuracy"})``
     every 50 steps and at the end. Returns the last record plus ``pretrain/minutes``.
     `autocast` runs the forward passes in that dtype (mixed precision, e.g. ``torch.bfloat16``).
     In a process group (`agents.distributed`) each rank takes its share of every batch and
@@ -92,12 +155,10 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     """
     rank, world = distributed.rank_and_world()
     held = config.held_out
-    train_x, train_y = images[held:], torch.tensor(labels[held:])
-    test_x, test_y = images[:held], torch.tensor(labels[:held])
+    dense = bool(labels) and not isinstance(labels[0], (int, np.integer))
     width = vision.norm.weight.shape[0]
     device = vision.norm.weight.device
-    train_y, test_y = train_y.to(device), test_y.to(device)
-    head = torch.nn.Linear(width, len(GLYPHS), device=device)
+    head = torch.nn.Linear(width, len(OBJECTS) if dense else len(GLYPHS), device=device)
     distributed.broadcast_parameters(head)
     trained = torch.nn.ModuleList([vision, head])
     params = list(trained.parameters())
@@ -106,29 +167,39 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     was_training = vision.training
     vision.train()
 
-    def logits(batch: Sequence[np.ndarray]) -> torch.Tensor:
-        encoded = {k: v.to(device) for k, v in image_processor(list(batch), return_tensors="pt").items()}
+    def loss_and_hits(indices: Sequence[int]) -> tuple[torch.Tensor, int, int]:
+        """The loss on `images[indices]`, and how many of its predictions are right, of how many."""
+        encoded = {k: v.to(device) for k, v in image_processor([images[i] for i in indices], return_tensors="pt").items()}
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             tokens = vision(encoded["pixel_values"], encoded["image_grid_thw"]).float()
-        counts = encoded["image_grid_thw"].prod(-1).tolist()
-        return head(torch.stack([t.amax(0) for t in tokens.split(counts)]))
+        grids = encoded["image_grid_thw"].tolist()
+        if dense:
+            logits = head(tokens)
+            target = torch.cat([token_targets(labels[i], h, w) for i, (_, h, w) in zip(indices, grids)]).to(device)
+            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(tokens)
+            marked = target.any(-1)
+            right = target[marked].gather(-1, logits[marked].argmax(-1, keepdim=True))
+            return loss, int(right.sum()), int(marked.sum())
+        logits = head(torch.stack([t.amax(0) for t in tokens.split([t * h * w for t, h, w in grids])]))
+        truth = torch.tensor([labels[i] for i in indices], device=device)
+        return F.cross_entropy(logits, truth), int((logits.argmax(-1) == truth).sum()), len(indices)
 
     def held_out_accuracy() -> float:
         if not held:
             return float("nan")
         vision.eval()
         with torch.no_grad():
-            right = sum(int((logits(test_x[i:i + 50]).argmax(-1) == test_y[i:i + 50]).sum()) for i in range(0, held, 50))
+            counts = [loss_and_hits(range(i, min(i + 50, held)))[1:] for i in range(0, held, 50)]
         vision.train()
-        return right / held
+        return sum(c[0] for c in counts) / max(sum(c[1] for c in counts), 1)
 
     record: dict[str, float] = {}
     minutes, losses = 0.0, []
     bar = tqdm(total=config.steps, desc="vision pretraining", unit="step", disable=not progress or rank > 0)
     for step in range(1, config.steps + 1):
         tick = time.perf_counter()
-        pick = rng.integers(0, len(train_x), config.batch_size)[rank::world]
-        loss = F.cross_entropy(logits([train_x[i] for i in pick]), train_y[pick])
+        pick = rng.integers(held, len(images), config.batch_size)[rank::world]
+        loss = loss_and_hits(pick.tolist())[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(trained)

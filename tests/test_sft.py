@@ -254,6 +254,40 @@ def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:
         glyph_crops(ZoomRead(questions=("relative",), shortcut_share=0.0, hard_share=0.0), 2, 0, options)
 
 
+def test_evidence_crops_mark_the_objects_they_show_and_dense_pretraining_learns_them() -> None:
+    from agents.vision_pretrain import OBJECTS, VisionPretrainConfig, evidence_crops, pretrain_vision, token_targets
+    from pxr_env.tasks.synthetic import Chart, Count, ZoomRead
+    from pxr_env.tasks.synthetic.common import SHAPES
+
+    chart = Chart(questions=("table",), shortcut_share=0.0)
+    images, points, ids = evidence_crops(chart, 12, seed=0, crop_bounds=(12544, 12544))
+    assert len(images) == len(points) == len(ids) == 12
+    assert all(0 <= x < 1 and 0 <= y < 1 for p in points for x, y, _ in p)
+    _, centred, centred_ids = evidence_crops(chart, 6, seed=1, crop_bounds=(12544, 12544), jitter=0.0)
+    for p, sample_id in zip(centred, centred_ids):  # an unmoved crop holds every glyph of the asked value
+        text = chart.get(sample_id).meta["target"]["text"]
+        assert set(text) <= {OBJECTS[i] for *_, i in p}
+    _, count_points, _ = evidence_crops(Count(), 4, seed=0, crop_bounds=(12544, 12544))
+    assert {OBJECTS[i].split()[-1] for p in count_points for *_, i in p} <= set(SHAPES)
+    marked = token_targets([(0.1, 0.1, 3), (0.9, 0.55, 40), (0.12, 0.05, 5)], 4, 4)
+    assert marked.shape == (16, len(OBJECTS)) and marked.sum() == 3
+    assert marked[0, 3] == marked[0, 5] == marked[2 * 4 + 3, 40] == 1
+    with pytest.raises(ValueError, match="chart and count"):
+        evidence_crops(ZoomRead(), 1, seed=0, crop_bounds=(12544, 12544))
+
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL, image_summary=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = []
+    pretrain_vision(model.model.vision, processor.image_processor, images, points,
+                    VisionPretrainConfig(samples=12, steps=60, batch_size=4, lr=1e-2, held_out=2),
+                    log=lambda step, r: records.append(r))
+    assert records[1]["pretrain/loss"] < 0.5 * records[0]["pretrain/loss"]
+    assert 0.0 <= records[1]["pretrain/held_out_accuracy"] <= 1.0
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.startswith("model.vision.") for k in moved)
+
+
 def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path) -> None:
     pretrain = {"samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
     cfg = config(tmp_path, vision_pretrain=pretrain, checkpoint_every=1)
@@ -262,8 +296,12 @@ def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if "pretrain/minutes" in r] == [0]
     assert (tmp_path / "final" / "model.safetensors").exists()
-    with pytest.raises(ValueError, match="fresh tiny model"):
-        config(tmp_path, vision_pretrain=pretrain, init_from=str(tmp_path / "final"), model={})
+    dense = {"tasks": {"chart": {}}, "target": "dense", "samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
+    train_sft(config(tmp_path / "dense", vision_pretrain=dense, init_from=str(tmp_path / "final"), model={},
+                     max_steps=1, checkpoint_every=0))  # a trained model's encoder learns a new family's objects
+    assert [r["step"] for r in read_metrics(tmp_path / "dense") if "pretrain/held_out_accuracy" in r] == [0]
+    with pytest.raises(ValueError, match="'glyph' or 'dense'"):
+        config(tmp_path, vision_pretrain={**pretrain, "target": "pooled"})
 
 
 def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(tmp_path: Path) -> None:
