@@ -92,6 +92,19 @@ def test_configuration_changes_the_sample() -> None:
     assert not np.array_equal(plain.image, photo.image)
 
 
+def test_count_places_again_when_the_first_objects_leave_no_room() -> None:
+    # In this default-suite sample the first counted object once took the middle of its
+    # small frame, leaving no room for the second, and generation raised.
+    sample = FAMILIES["count"]().get("count/996749599")
+    counted = [o for o in sample.meta["objects"] if o["counted"]]
+    assert len(counted) == int(sample.answers[0]) == 2
+    assert all(_inside(o["box"], sample.meta["frame"]) for o in counted)
+
+
+def _inside(box: tuple[float, ...], frame: tuple[float, ...]) -> bool:
+    return frame[0] <= box[0] and frame[1] <= box[1] and box[2] <= frame[2] and box[3] <= frame[3]
+
+
 def test_video_cache_is_keyed_by_configuration(clip_cache: str) -> None:
     a = FAMILIES["video"](cache_dir=clip_cache)
     b = FAMILIES["video"](cache_dir=clip_cache, hard_share=0.9)

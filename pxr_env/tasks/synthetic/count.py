@@ -35,6 +35,8 @@ from pxr_env.tasks.synthetic.common import (
     check_choice, check_range, check_share, draw_shape, other_colours, read_shape, union_box,
 )
 
+_COUNTED_ATTEMPTS = 20
+"""Placements of the counted objects tried before a sample is given up as impossible."""
 QUESTION_KINDS: tuple[str, ...] = ("colour-shape", "region")
 # Shapes whose plural is not "<shape>s".
 _PLURAL = {"star": "stars"}
@@ -138,10 +140,18 @@ class Count(SyntheticSource):
                 frame = region
                 inner = 0.03 * side
                 region = (rx + inner, ry + inner, rx + side - inner, ry + side - inner)
-        for _ in range(n):
+        def put_counted() -> bool:
             obj_colour = colour if kind == "colour-shape" else COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
-            if not put(obj_colour, shape, rng.uniform(*size_range) * scale, region, True):
-                raise RuntimeError(f"count seed {seed}: no room for {n} objects; lower `count` or the sizes")
+            return put(obj_colour, shape, rng.uniform(*size_range) * scale, region, True)
+
+        # The first objects can land where they leave no room for the rest: place them all again.
+        for _ in range(_COUNTED_ATTEMPTS):
+            if all(put_counted() for _ in range(n)):
+                break
+            objects.clear()
+            placer.boxes.clear()
+        else:
+            raise RuntimeError(f"count seed {seed}: no room for {n} objects; lower `count` or the sizes")
         # Confusers next to the counted objects: the same colour in another shape and the
         # same shape in another colour (colour-shape); other shapes inside the frame and
         # the asked shape outside it (region).
