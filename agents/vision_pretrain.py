@@ -44,7 +44,7 @@ class VisionPretrainConfig:
     target: str = "glyph"
     """``"glyph"``: name the target glyph of zoom-read crops (`glyph_crops`); ``"dense"``: mark
     on every token the glyphs and coloured shapes whose centre it holds, on crops around
-    the evidence of chart and count samples (`evidence_crops`)."""
+    the evidence of chart, count and zoom-read samples (`evidence_crops`)."""
     samples: int = 3000
     """Crops synthesized (``image/single`` traces of the task spec; held out of evaluation)."""
     steps: int = 300
@@ -89,18 +89,23 @@ def glyph_crops(source: TaskSource, n: int, seed: int, options: TraceOptions,
 
 
 def _shown_objects(sample: Any) -> list[tuple[tuple[float, float, float, float], int]]:
-    """Boxes (pixels of the original) and `OBJECTS` indices of what a chart or count sample draws."""
+    """Boxes (pixels of the original) and `OBJECTS` indices of what a chart, count or zoom-read
+    sample draws (zoom-read: each tag's shape and its glyph; the untagged clutter is not recorded)."""
+    if sample.family == "zoom-read":
+        return [item for tag in sample.meta["tags"] for item in
+                ((tag["box"], OBJECTS.index(f"{tag['colour']} {tag['shape']}")),
+                 (tag["glyph_box"], OBJECTS.index(tag["glyph"])))]
     if sample.family == "chart":
         return [(box, OBJECTS.index(char)) for value in sample.meta["values"]
                 for char, box in zip(value["text"], value["glyph_boxes"]) if char in GLYPHS]
     if sample.family == "count":
         return [(obj["box"], OBJECTS.index(f"{obj['colour']} {obj['shape']}")) for obj in sample.meta["objects"]]
-    raise ValueError(f"dense pretraining reads chart and count samples, not {sample.family!r}")
+    raise ValueError(f"dense pretraining reads chart, count and zoom-read samples, not {sample.family!r}")
 
 
 def evidence_crops(source: TaskSource, n: int, seed: int, crop_bounds: tuple[int, int],
                    jitter: float = 0.15) -> tuple[list[np.ndarray], list[Points], list[str]]:
-    """Crops around the evidence of `n` chart or count samples, as the env shows them, with the
+    """Crops around the evidence of `n` chart, count or zoom-read samples, as the env shows them, with the
     objects each one shows (`Points`) and its sample id.
 
     Each crop is a square (in fractions of the image, as the tiny model's box tokens are)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -255,7 +256,9 @@ def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:
 
 
 def test_evidence_crops_mark_the_objects_they_show_and_dense_pretraining_learns_them() -> None:
-    from agents.vision_pretrain import OBJECTS, VisionPretrainConfig, evidence_crops, pretrain_vision, token_targets
+    from agents.vision_pretrain import (
+        OBJECTS, VisionPretrainConfig, _shown_objects, evidence_crops, pretrain_vision, token_targets,
+    )
     from pxr_env.tasks.synthetic import Chart, Count, ZoomRead
     from pxr_env.tasks.synthetic.common import SHAPES
 
@@ -272,8 +275,14 @@ def test_evidence_crops_mark_the_objects_they_show_and_dense_pretraining_learns_
     marked = token_targets([(0.1, 0.1, 3), (0.9, 0.55, 40), (0.12, 0.05, 5)], 4, 4)
     assert marked.shape == (16, len(OBJECTS)) and marked.sum() == 3
     assert marked[0, 3] == marked[0, 5] == marked[2 * 4 + 3, 40] == 1
-    with pytest.raises(ValueError, match="chart and count"):
-        evidence_crops(ZoomRead(), 1, seed=0, crop_bounds=(12544, 12544))
+    zoom = ZoomRead(shortcut_share=0.0)
+    _, tag_points, tag_ids = evidence_crops(zoom, 4, seed=0, crop_bounds=(12544, 12544), jitter=0.0)
+    for p, sample_id in zip(tag_points, tag_ids):  # a tag's crop marks its glyph and its coloured shape
+        shown = {OBJECTS[i] for *_, i in p}
+        for tag in (t for t in zoom.get(sample_id).meta["tags"] if t["target"]):
+            assert {tag["glyph"], f"{tag['colour']} {tag['shape']}"} <= shown
+    with pytest.raises(ValueError, match="chart, count and zoom-read"):
+        _shown_objects(SimpleNamespace(family="video"))
 
     processor = build_tiny_processor()
     model = build_tiny_model(processor, seed=0, **SMALL, image_summary=True)

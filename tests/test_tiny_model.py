@@ -106,14 +106,21 @@ def test_chat_template_and_continuation_segments_tokenize_like_the_whole(process
     assert tok.convert_tokens_to_ids(BOXES.texts[5]) in whole
 
 
-def test_batched_generate_matches_single_rows_and_the_uncached_loop(model, processor, batch):
-    convs, inputs = batch
+def _assert_cached_generation_matches_uncached(model, inputs):
+    """Greedy generation with the KV cache gives the tokens and logits of the uncached loop; the cached output."""
     options = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
     cached = model.generate(**inputs, **options)
     uncached = model.generate(**inputs, use_cache=False, **options)
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    return cached
+
+
+def test_batched_generate_matches_single_rows_and_the_uncached_loop(model, processor, batch):
+    convs, inputs = batch
+    options = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    cached = _assert_cached_generation_matches_uncached(model, inputs)
     width = inputs["input_ids"].shape[1]
     for row, conv in enumerate(convs):
         text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
@@ -358,3 +365,31 @@ def test_pointer_stem_starts_at_zero_learns_with_a_frozen_encoder_and_round_trip
     with pytest.raises(ValueError, match="pointer stem needs the pixel_values"):
         model.image_one_keys(torch.zeros(1, 3, 64), torch.tensor([[model.config.image_token_id] * 3]),
                              torch.tensor([[1, 1, 3]]), None)
+
+
+def test_bidirectional_images_let_image_tokens_see_later_ones_only_within_their_image(processor, batch, tmp_path):
+    """With ``bidirectional_images`` the tokens of one image attend to each other both ways;
+    text, other images and cached generation keep the causal order; save/load keeps it."""
+    from agents.vlm.tiny.modeling_tiny_vlm import _with_image_blocks
+
+    image = torch.tensor([[False, True, True, False, True, True, False]])
+    mask = _with_image_blocks(None, image, past=0)[0, 0]
+    assert mask[1, 2] and mask[4, 5] and mask[2, 1]  # within an image: both ways
+    assert not mask[1, 4] and not mask[0, 1] and not mask[3, 4] and mask[6, 5]  # otherwise causal
+    assert torch.equal(mask & ~mask.tril(), torch.tensor([[0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0],
+                                                          [0] * 7, [0] * 7, [0, 0, 0, 0, 0, 1, 0], [0] * 7,
+                                                          [0] * 7], dtype=torch.bool))
+
+    small = dict(hidden_size=64, intermediate_size=128)
+    model = build_tiny_model(processor, seed=0, bidirectional_images=True, **small).eval()
+    causal = build_tiny_model(processor, seed=0, **small).eval()
+    _, inputs = batch
+    ids = inputs["input_ids"]
+    first = int((ids[0] == model.config.image_token_id).nonzero()[0, 0])
+    with torch.no_grad():
+        a = model.model(**inputs).last_hidden_state
+        b = causal.model(**inputs).last_hidden_state
+    assert torch.equal(a[0, :first], b[0, :first])  # the text before the image is unchanged
+    assert not torch.allclose(a[0, first], b[0, first])  # the first image token now sees the rest of it
+    _assert_cached_generation_matches_uncached(model, inputs)
+    _assert_round_trips(model, batch, tmp_path)

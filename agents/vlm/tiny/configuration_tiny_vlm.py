@@ -52,6 +52,10 @@ class TinyVLMConfig(PreTrainedConfig):
             its colour and shape while reading names its glyph; with this, the image
             encoder can be frozen after glyph pretraining and pointing still has
             trainable features (docs/results.md).
+        bidirectional_images: in the decoder, the tokens of each image attend to each other
+            both ways (the rest stays causal). Causally, an image token sees only the tokens
+            above and left of it, so the pointer's key of a chart value cannot take in the
+            bar below it, whose colour the question names (measured in docs/results.md).
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
         box_token_start_id: id of the first box token; ``vocab_size - box_token_start_id``
@@ -81,6 +85,7 @@ class TinyVLMConfig(PreTrainedConfig):
     pointer_grid: int = DEFAULT_GRID
     pointer_subcells: int = 1
     pointer_stem: bool = False
+    bidirectional_images: bool = False
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
     box_token_start_id: int | None = None

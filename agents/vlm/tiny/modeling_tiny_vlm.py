@@ -405,6 +405,8 @@ class TinyVLMModel(TinyVLMPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None].expand(batch, -1)
         mask = _decoder_mask(attention_mask, length, past, inputs_embeds.device)
+        if self.config.bidirectional_images and input_ids is not None and length > 1:
+            mask = _with_image_blocks(mask, input_ids == self.config.image_token_id, past)
         rotary = self.rotary(position_ids, inputs_embeds.dtype)
         hidden = inputs_embeds
         for layer in self.layers:
@@ -424,6 +426,24 @@ def _decoder_mask(attention_mask: torch.Tensor | None, length: int, past: int,
     # A padding query would otherwise see nothing (NaN in SDPA); its output is unused.
     allowed = allowed | (k_pos[None, None, :] == q_pos[None, :, None])
     return allowed[:, None]
+
+
+def _with_image_blocks(mask: torch.Tensor | None, image_mask: torch.Tensor, past: int) -> torch.Tensor:
+    """`mask` (from `_decoder_mask`) where the tokens of each image also see each other both ways.
+
+    `image_mask` ``(B, length)`` marks the new image tokens; a run of them is one image (an
+    image's tokens always arrive in one forward pass, so runs never straddle the cache).
+    """
+    batch, length = image_mask.shape
+    starts = image_mask & ~F.pad(image_mask, (1, 0))[:, :-1]
+    block = starts.long().cumsum(-1) * image_mask
+    same = (block[:, :, None] == block[:, None, :]) & image_mask[:, :, None]
+    if mask is None:
+        q_pos = torch.arange(length, device=image_mask.device)
+        mask = (q_pos[None, :] <= q_pos[:, None])[None, None]
+    mask = mask.expand(batch, 1, length, past + length).clone()
+    mask[..., past:] |= same[:, None]
+    return mask
 
 
 class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
