@@ -370,10 +370,10 @@ def test_pointer_stem_starts_at_zero_learns_with_a_frozen_encoder_and_round_trip
 def test_bidirectional_images_let_image_tokens_see_later_ones_only_within_their_image(processor, batch, tmp_path):
     """With ``bidirectional_images`` the tokens of one image attend to each other both ways;
     text, other images and cached generation keep the causal order; save/load keeps it."""
-    from agents.vlm.tiny.modeling_tiny_vlm import _with_image_blocks
+    from agents.vlm.tiny.modeling_tiny_vlm import _decoder_mask
 
     image = torch.tensor([[False, True, True, False, True, True, False]])
-    mask = _with_image_blocks(None, image, past=0)[0, 0]
+    mask = _decoder_mask(None, 7, 0, image.device, image)[0, 0]
     assert mask[1, 2] and mask[4, 5] and mask[2, 1]  # within an image: both ways
     assert not mask[1, 4] and not mask[0, 1] and not mask[3, 4] and mask[6, 5]  # otherwise causal
     assert torch.equal(mask & ~mask.tril(), torch.tensor([[0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0],

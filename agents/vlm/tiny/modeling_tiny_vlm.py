@@ -404,9 +404,9 @@ class TinyVLMModel(TinyVLMPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None].expand(batch, -1)
-        mask = _decoder_mask(attention_mask, length, past, inputs_embeds.device)
-        if self.config.bidirectional_images and input_ids is not None and length > 1:
-            mask = _with_image_blocks(mask, input_ids == self.config.image_token_id, past)
+        image_tokens = (input_ids == self.config.image_token_id
+                        if self.config.bidirectional_images and input_ids is not None else None)
+        mask = _decoder_mask(attention_mask, length, past, inputs_embeds.device, image_tokens)
         rotary = self.rotary(position_ids, inputs_embeds.dtype)
         hidden = inputs_embeds
         for layer in self.layers:
@@ -414,36 +414,28 @@ class TinyVLMModel(TinyVLMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache if use_cache else None)
 
 
-def _decoder_mask(attention_mask: torch.Tensor | None, length: int, past: int,
-                  device: torch.device) -> torch.Tensor | None:
-    """Boolean ``(B, 1, length, past + length)`` mask: causal, padding masked, each token sees itself."""
+def _decoder_mask(attention_mask: torch.Tensor | None, length: int, past: int, device: torch.device,
+                  image_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean ``(B, 1, length, past + length)`` mask: causal, padding masked, each token sees itself.
+
+    With `image_tokens` ``(B, length)`` (the new image tokens), the tokens of each image also
+    see each other both ways; a run of them is one image (an image's tokens always arrive in
+    one forward pass, so runs never straddle the cache).
+    """
     q_pos = torch.arange(past, past + length, device=device)
     k_pos = torch.arange(past + length, device=device)
-    causal = k_pos[None, :] <= q_pos[:, None]
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None]
+    if image_tokens is not None and length > 1:
+        starts = image_tokens & ~F.pad(image_tokens, (1, 0))[:, :-1]
+        block = starts.long().cumsum(-1) * image_tokens
+        same = (block[:, :, None] == block[:, None, :]) & image_tokens[:, :, None]
+        allowed = allowed | F.pad(same, (past, 0))
     if attention_mask is None:
-        return causal[None, None] if length > 1 else None
-    allowed = causal[None] & attention_mask.bool()[:, None, :]
+        return allowed[:, None] if length > 1 else None
+    allowed = allowed & attention_mask.bool()[:, None, :]
     # A padding query would otherwise see nothing (NaN in SDPA); its output is unused.
     allowed = allowed | (k_pos[None, None, :] == q_pos[None, :, None])
     return allowed[:, None]
-
-
-def _with_image_blocks(mask: torch.Tensor | None, image_mask: torch.Tensor, past: int) -> torch.Tensor:
-    """`mask` (from `_decoder_mask`) where the tokens of each image also see each other both ways.
-
-    `image_mask` ``(B, length)`` marks the new image tokens; a run of them is one image (an
-    image's tokens always arrive in one forward pass, so runs never straddle the cache).
-    """
-    batch, length = image_mask.shape
-    starts = image_mask & ~F.pad(image_mask, (1, 0))[:, :-1]
-    block = starts.long().cumsum(-1) * image_mask
-    same = (block[:, :, None] == block[:, None, :]) & image_mask[:, :, None]
-    if mask is None:
-        q_pos = torch.arange(length, device=image_mask.device)
-        mask = (q_pos[None, :] <= q_pos[:, None])[None, None]
-    mask = mask.expand(batch, 1, length, past + length).clone()
-    mask[..., past:] |= same[:, None]
-    return mask
 
 
 class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
