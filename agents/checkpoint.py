@@ -244,18 +244,12 @@ def _saved_model_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         raise TypeError(
             f"{path / 'model'} was written by save_pretrained, and {type(model).__name__} has no from_pretrained"
         )
+    from transformers import PreTrainedModel
+
     # from_pretrained undoes the key renaming save_pretrained may apply; hub kernels stay off
     # for transformers models, as in `agents.vlm.hf.load_model`
-    options = {"use_kernels": False} if _is_transformers_model(model) else {}
+    options = {"use_kernels": False} if isinstance(model, PreTrainedModel) else {}
     return type(model).from_pretrained(str(path / "model"), **options).state_dict()
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
 
 
 def _load_model(path: Path, model: nn.Module) -> None:
