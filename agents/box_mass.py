@@ -35,6 +35,35 @@ def hitting_boxes(vocab: BoxVocab, size: tuple[int, int], evidence: Sequence[flo
     return out
 
 
+View = tuple[list[tuple[str, bool]], list[np.ndarray]]
+"""A pointing view: the segments and images of `Trace.pointing`, whose trained turn holds the first box token."""
+
+
+@torch.no_grad()
+def first_box_probs(model: Any, processor: Any, views: Sequence[View], batch_size: int = 16) -> torch.Tensor:
+    """``(len(views), vocab)`` next-token probabilities (temperature 1) at the first box token of
+    each view, after the text before it (teacher forcing). The model is left in its mode."""
+    start = model.config.box_token_start_id
+    was_training = model.training
+    model.eval()
+    rows: list[torch.Tensor] = []
+    try:
+        for first in range(0, len(views), batch_size):
+            items, positions = [], []
+            for segments, images in views[first:first + batch_size]:
+                item = encode_segments(processor, segments, images)
+                box_at = ((item["input_ids"] >= start) & item["loss_mask"].bool()).nonzero().flatten()
+                if len(box_at) == 0:
+                    raise ValueError("a pointing view's trained turn holds no box token")
+                items.append(item)
+                positions.append(int(box_at[0]) - 1)
+            logits = model(**model_inputs(pad_items(processor, items, "right"), next(model.parameters()).device)).logits
+            rows.extend(torch.softmax(row[position].float(), dim=-1).cpu() for row, position in zip(logits, positions))
+    finally:
+        model.train(was_training)
+    return torch.stack(rows) if rows else torch.zeros(0, model.config.vocab_size)
+
+
 def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], source: TaskSource, vocab: BoxVocab,
                        crop_padding: float, batch_size: int = 16) -> list[dict[str, float]]:
     """For each ``image/single`` trace (written with `vocab`'s box tokens), in order: ``hit_mass``, the
@@ -45,28 +74,13 @@ def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], sour
     if others:
         raise ValueError(f"box mass is read on image/single traces (one crop of the evidence), got {others}")
     start = model.config.box_token_start_id
-    was_training = model.training
-    model.eval()
+    probs = first_box_probs(model, processor, [t.pointing() for t in traces], batch_size)
     rows: list[dict[str, float]] = []
-    try:
-        for first in range(0, len(traces), batch_size):
-            chunk = traces[first:first + batch_size]
-            items, positions = [], []
-            for trace in chunk:
-                item = encode_segments(processor, *trace.pointing())
-                box_at = ((item["input_ids"] >= start) & item["loss_mask"].bool()).nonzero().flatten()
-                items.append(item)
-                positions.append(int(box_at[0]) - 1)
-            with torch.no_grad():
-                logits = model(**model_inputs(pad_items(processor, items, "right"), next(model.parameters()).device)).logits
-            for trace, row, position in zip(chunk, logits, positions):
-                probs = torch.softmax(row[position].float(), dim=-1)
-                sample = source.get(trace.sample_id)
-                height, width = sample.load_image().shape[:2]
-                hits = torch.from_numpy(hitting_boxes(vocab, (width, height), sample.evidence_box, crop_padding))
-                top = int(probs.argmax())
-                rows.append({"hit_mass": float(probs[start:][hits].sum()), "top_mass": float(probs[top]),
-                             "greedy_hit": float(top >= start and bool(hits[top - start]))})
-    finally:
-        model.train(was_training)
+    for trace, row in zip(traces, probs):
+        sample = source.get(trace.sample_id)
+        height, width = sample.load_image().shape[:2]
+        hits = torch.from_numpy(hitting_boxes(vocab, (width, height), sample.evidence_box, crop_padding))
+        top = int(row.argmax())
+        rows.append({"hit_mass": float(row[start:][hits].sum()), "top_mass": float(row[top]),
+                     "greedy_hit": float(top >= start and bool(hits[top - start]))})
     return rows

@@ -58,7 +58,8 @@ from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
 from agents.schedules import cosine_factor
 from agents.traces import Trace, TraceMix, TraceOptions, play_traces, synthesize_traces
-from agents.vision_pretrain import VisionPretrainConfig, evidence_crops, glyph_crops, pretrain_vision
+from agents.vision_pretrain import (PointerStemTower, VisionPretrainConfig, evidence_crops, glyph_crops,
+                                    initial_views, pretrain_vision)
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
@@ -614,15 +615,18 @@ def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[flo
     """Run `config.vision_pretrain`; returns its minutes, the sample ids of its crops and its last record."""
     pretrain = config.vision_pretrain
     source, seed = task_source(pretrain.tasks or config.stages[0].tasks), config.seed * 1000 + 999
+    bounds = ops.PixelBounds.resolve(config.env_kwargs.get("pixel_bounds", "tiny"))
     if pretrain.target == "dense":
-        crop_bounds = ops.PixelBounds.resolve(config.env_kwargs.get("pixel_bounds", "tiny")).crop
-        images, labels, ids = evidence_crops(source, pretrain.samples, seed, crop_bounds)
+        images, labels, ids = evidence_crops(source, pretrain.samples, seed, bounds.crop)
+    elif pretrain.target == "view":
+        images, labels, ids = initial_views(source, pretrain.samples, seed, bounds.image)
     else:
         options = TraceOptions(box_writer=BoxSnapper(box_vocab(model.config)), chat_format=config.chat_format,
                                env_kwargs=dict(config.env_kwargs))
         images, labels, ids = glyph_crops(source, pretrain.samples, seed, options, workers=config.trace_workers,
                                           progress=config.progress)
-    record = pretrain_vision(model.model.vision, processor.image_processor, images, labels, pretrain,
+    tower = model.model.vision if pretrain.tower == "encoder" else PointerStemTower(model.pointer, model.config.hidden_size)
+    record = pretrain_vision(tower, processor.image_processor, images, labels, pretrain,
                              seed=config.seed, progress=config.progress, autocast=config.autocast_dtype)
     return record["pretrain/minutes"], sorted(ids), record
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from agents import distributed
 from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from pxr_env.ops import smart_resize
 from pxr_env.tasks import TaskSource
 from pxr_env.tasks.synthetic.common import COLOUR_NAMES, DIGITS, LETTERS, SHAPES, crop_view
 
@@ -44,7 +45,14 @@ class VisionPretrainConfig:
     target: str = "glyph"
     """``"glyph"``: name the target glyph of zoom-read crops (`glyph_crops`); ``"dense"``: mark
     on every token the glyphs and coloured shapes whose centre it holds, on crops around
-    the evidence of chart, count and zoom-read samples (`evidence_crops`)."""
+    the evidence of chart, count and zoom-read samples (`evidence_crops`); ``"view"``: mark
+    on every token the coloured shapes whose centre it holds, on the initial views
+    (`initial_views`), where the policy points."""
+    tower: str = "encoder"
+    """What is pretrained: ``"encoder"``, the image encoder the decoder reads, or ``"pointer"``,
+    the pointer head's own stem (`TinyVLMConfig.pointer_stem`), whose features are added to
+    the pointer's keys: pointing then gets features of its own without moving what the
+    decoder reads."""
     samples: int = 3000
     """Crops synthesized (``image/single`` traces of the task spec; held out of evaluation)."""
     steps: int = 300
@@ -61,8 +69,12 @@ class VisionPretrainConfig:
     def __post_init__(self) -> None:
         if min(self.samples, self.steps, self.batch_size) < 1 or not 0 <= self.held_out < self.samples:
             raise ValueError("vision pretraining needs samples, steps, batch_size >= 1 and 0 <= held_out < samples")
-        if self.target not in ("glyph", "dense"):
-            raise ValueError(f"vision pretraining target must be 'glyph' or 'dense', got {self.target!r}")
+        if self.target not in ("glyph", "dense", "view"):
+            raise ValueError(f"vision pretraining target must be 'glyph', 'dense' or 'view', got {self.target!r}")
+        if self.tower not in ("encoder", "pointer"):
+            raise ValueError(f"vision pretraining tower must be 'encoder' or 'pointer', got {self.tower!r}")
+        if self.target == "glyph" and self.tower == "pointer":
+            raise ValueError("the pointer stem is pretrained on a dense target ('dense' or 'view'), not 'glyph'")
         if self.lr <= 0 or self.minutes is not None and self.minutes <= 0:
             raise ValueError("vision pretraining needs lr > 0 and minutes > 0 when set")
 
@@ -88,14 +100,17 @@ def glyph_crops(source: TaskSource, n: int, seed: int, options: TraceOptions,
     return images, labels, ids
 
 
-def _shown_objects(sample: Any) -> list[tuple[tuple[float, float, float, float], int]]:
+def _shown_objects(sample: Any, glyphs: bool = True) -> list[tuple[tuple[float, float, float, float], int]]:
     """Boxes (pixels of the original) and `OBJECTS` indices of what a chart, count or zoom-read
-    sample draws (zoom-read: each tag's shape and its glyph; the untagged clutter is not recorded)."""
+    sample draws (zoom-read: each tag's shape and its glyph; the untagged clutter is not recorded).
+    Without `glyphs` the coloured shapes alone (glyphs are illegible in an initial view)."""
     if sample.family == "zoom-read":
         return [item for tag in sample.meta["tags"] for item in
                 ((tag["box"], OBJECTS.index(f"{tag['colour']} {tag['shape']}")),
-                 (tag["glyph_box"], OBJECTS.index(tag["glyph"])))]
+                 (tag["glyph_box"], OBJECTS.index(tag["glyph"])))[:2 if glyphs else 1]]
     if sample.family == "chart":
+        if not glyphs:
+            raise ValueError("a chart shows glyphs only: the view target has nothing to mark on it")
         return [(box, OBJECTS.index(char)) for value in sample.meta["values"]
                 for char, box in zip(value["text"], value["glyph_boxes"]) if char in GLYPHS]
     if sample.family == "count":
@@ -133,6 +148,38 @@ def evidence_crops(source: TaskSource, n: int, seed: int, crop_bounds: tuple[int
     return images, points, ids
 
 
+def initial_views(source: TaskSource, n: int, seed: int, image_bounds: tuple[int, int]
+                  ) -> tuple[list[np.ndarray], list[Points], list[str]]:
+    """The initial views (as the env shows them at reset) of `n` count or zoom-read samples, with
+    the coloured shapes each shows (`Points`, glyphs left out) and its sample id: what a token
+    of the view the pointer chooses among holds (zoom-read: which tag of which colour)."""
+    rng = np.random.default_rng([seed, 13])
+    images, points, ids = [], [], []
+    for _ in range(n):
+        sample = source.sample(rng)
+        image = sample.load_image()
+        height, width = image.shape[:2]
+        images.append(smart_resize(image, image_bounds))
+        points.append([(((b[0] + b[2]) / 2) / width, ((b[1] + b[3]) / 2) / height, index)
+                       for b, index in _shown_objects(sample, glyphs=False)])
+        ids.append(sample.sample_id)
+    return images, points, ids
+
+
+class PointerStemTower(torch.nn.Module):
+    """The tiny model's pointer stem as an image tower: ``(tokens, hidden_size)`` features of
+    every image in `pixel_values`, in order, as they are added to the pointer's keys."""
+
+    def __init__(self, pointer: torch.nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        if pointer.stem is None:
+            raise ValueError("the model has no pointer stem to pretrain (TinyVLMConfig.pointer_stem is off)")
+        self.pointer, self.hidden_size = pointer, hidden_size
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.pointer.pixel_features(pixel_values, image_grid_thw, list(range(len(image_grid_thw)))))
+
+
 def token_targets(points: Points, grid_h: int, grid_w: int) -> torch.Tensor:
     """Multi-hot ``(grid_h * grid_w, len(OBJECTS))``: each token marks the objects whose centre it holds."""
     target = torch.zeros(grid_h * grid_w, len(OBJECTS))
@@ -161,8 +208,8 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     rank, world = distributed.rank_and_world()
     held = config.held_out
     dense = bool(labels) and not isinstance(labels[0], (int, np.integer))
-    width = vision.norm.weight.shape[0]
-    device = vision.norm.weight.device
+    width = vision.hidden_size
+    device = next(vision.parameters()).device
     head = torch.nn.Linear(width, len(OBJECTS) if dense else len(GLYPHS), device=device)
     distributed.broadcast_parameters(head)
     trained = torch.nn.ModuleList([vision, head])

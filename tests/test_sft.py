@@ -297,6 +297,40 @@ def test_evidence_crops_mark_the_objects_they_show_and_dense_pretraining_learns_
     assert moved and all(k.startswith("model.vision.") for k in moved)
 
 
+def test_initial_views_mark_tag_colours_and_train_the_pointer_stem_alone() -> None:
+    from agents.vision_pretrain import OBJECTS, PointerStemTower, VisionPretrainConfig, initial_views, pretrain_vision
+    from pxr_env.tasks.synthetic import ZoomRead
+
+    zoom = ZoomRead(questions=("read",), shortcut_share=0.0, hard_share=0.0, easy_tags=(2, 3))
+    images, points, ids = initial_views(zoom, 8, seed=0, image_bounds=(50176, 50176))
+    assert len(images) == len(points) == len(ids) == 8
+    for image, p, sample_id in zip(images, points, ids):
+        sample = zoom.get(sample_id)
+        height, width = sample.load_image().shape[:2]
+        assert image.shape[0] * image.shape[1] <= 50176  # the view at the bounds, sides in steps of 28 px
+        assert abs(image.shape[1] / image.shape[0] - width / height) < 0.15
+        tags = sample.meta["tags"]
+        assert sorted(OBJECTS[i] for *_, i in p) == sorted(f"{t['colour']} {t['shape']}" for t in tags)  # no glyphs
+        for (x, y, _), tag in zip(p, tags):
+            assert x == pytest.approx((tag["box"][0] + tag["box"][2]) / 2 / width)
+            assert y == pytest.approx((tag["box"][1] + tag["box"][3]) / 2 / height)
+
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL, pointer_stem=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = []
+    pretrain_vision(PointerStemTower(model.pointer, model.config.hidden_size), processor.image_processor, images,
+                    points, VisionPretrainConfig(target="view", tower="pointer", samples=8, steps=60, batch_size=4,
+                                                 lr=1e-2, held_out=2), log=lambda step, r: records.append(r))
+    assert records[1]["pretrain/loss"] < 0.5 * records[0]["pretrain/loss"]
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.startswith("pointer.stem") for k in moved)  # what the decoder reads is unchanged
+    with pytest.raises(ValueError, match="no pointer stem"):
+        PointerStemTower(build_tiny_model(processor, seed=0, **SMALL).pointer, 64)
+    with pytest.raises(ValueError, match="dense target"):
+        VisionPretrainConfig(target="glyph", tower="pointer")
+
+
 def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path) -> None:
     pretrain = {"samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
     cfg = config(tmp_path, vision_pretrain=pretrain, checkpoint_every=1)
@@ -309,7 +343,7 @@ def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path)
     train_sft(config(tmp_path / "dense", vision_pretrain=dense, init_from=str(tmp_path / "final"), model={},
                      max_steps=1, checkpoint_every=0))  # a trained model's encoder learns a new family's objects
     assert [r["step"] for r in read_metrics(tmp_path / "dense") if "pretrain/held_out_accuracy" in r] == [0]
-    with pytest.raises(ValueError, match="'glyph' or 'dense'"):
+    with pytest.raises(ValueError, match="'glyph', 'dense' or 'view'"):
         config(tmp_path, vision_pretrain={**pretrain, "target": "pooled"})
 
 

@@ -92,6 +92,21 @@ def test_configuration_changes_the_sample() -> None:
     assert not np.array_equal(plain.image, photo.image)
 
 
+def test_easy_tags_add_tags_of_other_colours_to_easy_items() -> None:
+    knobs = dict(shortcut_share=0.0, hard_share=0.0, questions=("read", "read-choice"))
+    plain, tagged = FAMILIES["zoom-read"](**knobs), FAMILIES["zoom-read"](**knobs, easy_tags=(2, 4))
+    counts = []
+    for seed in range(12):
+        assert len(plain.get(f"zoom-read/{seed}").meta["tags"]) == 1
+        sample = tagged.get(f"zoom-read/{seed}")
+        target, *others = sample.meta["tags"]
+        assert target["target"] and not any(o["target"] for o in others)
+        assert all(o["colour"] != target["colour"] for o in others)  # the named colour tells the target apart
+        assert f"{target['colour']} {target['shape']}" in sample.question
+        counts.append(len(others))
+    assert set(counts) <= {2, 3, 4} and len(set(counts)) > 1
+
+
 def test_count_places_again_when_the_first_objects_leave_no_room() -> None:
     # In this default-suite sample the first counted object once took the middle of its
     # small frame, leaving no room for the second, and generation raised.

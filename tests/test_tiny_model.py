@@ -393,3 +393,50 @@ def test_bidirectional_images_let_image_tokens_see_later_ones_only_within_their_
     assert not torch.allclose(a[0, first], b[0, first])  # the first image token now sees the rest of it
     _assert_cached_generation_matches_uncached(model, inputs)
     _assert_round_trips(model, batch, tmp_path)
+
+
+def test_pointer_question_gates_the_keys_by_the_end_of_the_question(processor, tmp_path):
+    """With ``pointer_question`` the box logits depend on the text before image 1 through a gate
+    that starts at zero (a new branch leaves a model's outputs as they were, also when it is
+    added to a saved checkpoint); cached generation and save/load keep it."""
+    small = dict(hidden_size=64, intermediate_size=128)
+    model = build_tiny_model(processor, seed=0, pointer_question=True, **small).eval()
+    assert model.pointer.question.weight.abs().sum() == 0
+
+    def inputs_for(question: str):
+        conv = Conversation(question_first=True)
+        conv.add_observation({"text": question, "images": (_image(0, (224, 224)),)})
+        text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+        return processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
+
+    red, blue = inputs_for("What digit is written on the red square?"), inputs_for("What digit is written on the blue circle?")
+    start = model.config.box_token_start_id
+
+    def box_logits(m, inputs):
+        with torch.no_grad():
+            return m(**inputs).logits[0, -1, start:]
+
+    plain = build_tiny_model(processor, seed=0, **small).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pointer.question")})
+    torch.testing.assert_close(box_logits(model, red), box_logits(plain, red))  # the zero gate changes nothing
+
+    with torch.no_grad():
+        model.pointer.question.weight.normal_(0, 0.5)
+    # The same image and the same text after it: only the question differs, and now the pointer sees it.
+    shift = (box_logits(model, red) - box_logits(plain, red)).abs().max()
+    assert shift > 1e-3
+    difference = box_logits(model, red) - box_logits(model, blue)
+    plain_difference = box_logits(plain, red) - box_logits(plain, blue)
+    assert (difference - plain_difference).abs().max() > 1e-3
+    _assert_cached_generation_matches_uncached(model, red)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(box_logits(loaded, red), box_logits(model, red), rtol=0, atol=0)
+
+    checkpoint = tmp_path / "without"
+    plain.save_pretrained(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "pointer_question": True}))
+    added = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()  # the gate is new to this checkpoint
+    assert added.pointer.question.weight.abs().sum() == 0
+    torch.testing.assert_close(box_logits(added, red), box_logits(plain, red))

@@ -52,6 +52,13 @@ class TinyVLMConfig(PreTrainedConfig):
             its colour and shape while reading names its glyph; with this, the image
             encoder can be frozen after glyph pretraining and pointing still has
             trainable features (docs/results.md).
+        pointer_question: gate the pointer's keys by the question: each key is multiplied
+            elementwise by ``1 + W u``, where ``u`` is the decoder state of the last token
+            before image 1 (the end of the question in the question-first layout of
+            `agents.vlm.chat.ChatFormat`) and ``W`` starts at zero. Without it the query is
+            the decoder state at the box token alone, which in a tiny model kept no trace of
+            the colour the question names, and the pointer chose the same tag whatever was
+            asked (docs/results.md).
         bidirectional_images: in the decoder, the tokens of each image attend to each other
             both ways (the rest stays causal). Causally, an image token sees only the tokens
             above and left of it, so the pointer's key of a chart value cannot take in the
@@ -85,6 +92,7 @@ class TinyVLMConfig(PreTrainedConfig):
     pointer_grid: int = DEFAULT_GRID
     pointer_subcells: int = 1
     pointer_stem: bool = False
+    pointer_question: bool = False
     bidirectional_images: bool = False
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64

@@ -226,6 +226,7 @@ class TinyVLMVisionEncoder(nn.Module):
 
     def __init__(self, config: TinyVLMConfig) -> None:
         super().__init__()
+        self.hidden_size = config.hidden_size
         self.patch_size = config.patch_size
         self.ref_grid = config.pointer_grid
         self.stem = conv_stem(config)
@@ -251,6 +252,11 @@ class TinyVLMVisionEncoder(nn.Module):
         return torch.cat(pieces)
 
 
+class ZeroInitLinear(nn.Linear):
+    """A linear map that starts at zero: a branch added to a model leaves its outputs as they were
+    (also when the branch is new to a saved checkpoint and initialised at load)."""
+
+
 class TinyVLMPointerHead(nn.Module):
     """Box-token logits: pointer (query . key over image 1's cells) plus a size logit.
 
@@ -264,7 +270,7 @@ class TinyVLMPointerHead(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.stem = conv_stem(config) if config.pointer_stem else None
-        self.stem_out = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.pointer_stem else None
+        self.stem_out = ZeroInitLinear(config.hidden_size, config.hidden_size, bias=False) if config.pointer_stem else None
         self.grid = config.pointer_grid
         self.subcells = config.pointer_subcells
         self.num_sizes = len(config.box_sizes)
@@ -272,6 +278,7 @@ class TinyVLMPointerHead(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.pointer_dim * self.subcells ** 2, bias=False)
         self.size = nn.Linear(config.hidden_size, self.num_sizes, bias=False)
         self.size_bias = nn.Parameter(torch.zeros(self.num_sizes))
+        self.question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False) if config.pointer_question else None
 
     def cell_index(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For each pointer cell (row-major), the index of the image token under its centre and
@@ -300,14 +307,17 @@ class TinyVLMPointerHead(nn.Module):
                 features[i] = grid[j]
         return features
 
-    def keys(self, states: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-        """``(B, cells, hidden)`` image-token states and ``(B, cells)`` part numbers -> ``(B, cells, dim)`` keys.
+    def keys(self, states: torch.Tensor, parts: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
+        """``(B, cells, hidden)`` image-token states, ``(B, cells)`` part numbers and ``(B, hidden)``
+        states before image 1 -> ``(B, cells, dim)`` keys.
 
         With ``pointer_subcells`` s > 1 an image token gives s*s keys, one per part, so that
         the cells of a pointer grid finer than the token grid are told apart by content.
+        With ``pointer_question`` the keys are gated by `asked` (the end of the question).
         """
         keys = self.key(states).unflatten(-1, (self.subcells ** 2, -1))
-        return keys.gather(2, parts[..., None, None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
+        keys = keys.gather(2, parts[..., None, None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
+        return keys if self.question is None else keys * (1 + self.question(asked))[:, None, :]
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``(B, L, hidden)`` states and ``(B, cells, dim)`` keys -> ``(B, L, cells * sizes)`` logits."""
@@ -332,11 +342,11 @@ class TinyVLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, nn.Conv2d):
             init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
         elif isinstance(module, TinyVLMPointerHead):
             # Start with as much mass on all box tokens together as on one ordinary token.
             init.constant_(module.size_bias, -math.log(self.config.num_boxes))
-            if module.stem_out is not None:
-                init.zeros_(module.stem_out.weight)
 
 
 class TinyVLMModel(TinyVLMPreTrainedModel):
@@ -493,6 +503,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         """Pointer keys ``(B, cells, dim)`` from the states of each row's first image, and which rows have one."""
         batch = hidden.shape[0]
         keys = hidden.new_zeros(batch, self.config.pointer_grid ** 2, hidden.shape[-1])
+        asked = hidden.new_zeros(batch, hidden.shape[-1])
         parts = torch.zeros(batch, self.config.pointer_grid ** 2, dtype=torch.long, device=hidden.device)
         is_image = input_ids == self.config.image_token_id
         starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
@@ -512,9 +523,10 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 start = int(starts[b].nonzero()[0])
                 tokens, parts[b] = self.pointer.cell_index(grid_h, grid_w, hidden.device)
                 keys[b] = hidden[b, start + tokens] + (pixel[j][tokens] if pixel is not None else 0)
+                asked[b] = hidden[b, max(start - 2, 0)]  # before <|vision_start|>: the end of the question
         else:
             valid = torch.zeros_like(valid)
-        return self.pointer.keys(keys, parts), valid
+        return self.pointer.keys(keys, parts, asked), valid
 
     @can_return_tuple
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -18,7 +18,8 @@ side):
 - ``shortcut``: a big glyph (27-36 px), readable without any operation; the tag is larger
   than the 0.2-of-the-side window a crop of a small box gives, so zooming cannot help;
 - ``easy``: a 3.6-4.5 px glyph (blurred but not erased), the target the only object of its
-  colour and the only tag (but for the other tags a colour question needs);
+  colour and the only tag (but for the other tags a colour question needs, and those of
+  other colours that ``easy_tags`` adds);
 - ``hard``: a 2.4-3.2 px glyph (illegible), among same-colour shapes and 4-8 other tags
   with their own glyphs.
 
@@ -69,6 +70,10 @@ class ZoomRead(SyntheticSource):
     """Range of the number of plain clutter shapes."""
     distractor_tags: tuple[int, int] = (4, 8)
     """Range of the number of other glyph-bearing tags in hard items."""
+    easy_tags: tuple[int, int] = (0, 0)
+    """Range of the number of other glyph-bearing tags in easy ``read`` / ``read-choice`` items,
+    each of another colour than the target's, so that the colour the question names tells the
+    target apart: a pointing curriculum between one tag and hard items."""
     backgrounds: tuple[str, ...] = BACKGROUNDS
     """Background kinds to draw from: plain, noise, photo."""
     questions: tuple[str, ...] = QUESTION_KINDS
@@ -87,6 +92,7 @@ class ZoomRead(SyntheticSource):
         self.shortcut_glyph_frac = check_range("shortcut_glyph_frac", self.shortcut_glyph_frac, 0.002, 0.16)
         self.distractors = check_range("distractors", self.distractors, 0, 200, integer=True)
         self.distractor_tags = check_range("distractor_tags", self.distractor_tags, 3, 12, integer=True)
+        self.easy_tags = check_range("easy_tags", self.easy_tags, 0, 8, integer=True)
         self.backgrounds = check_choice("backgrounds", self.backgrounds, BACKGROUNDS)
         self.questions = check_choice("questions", self.questions, QUESTION_KINDS)
         self.glyph_sets = check_choice("glyph_sets", self.glyph_sets, ("digits", "letters"))
@@ -108,8 +114,12 @@ class ZoomRead(SyntheticSource):
         n_targets = 2 if kind == "relative" else 1
         if kind == "colour":
             n_other_tags = int(rng.integers(self.distractor_tags[0], self.distractor_tags[1] + 1)) if tier == "hard" else 3
+        elif tier == "hard":
+            n_other_tags = int(rng.integers(self.distractor_tags[0], self.distractor_tags[1] + 1))
+        elif tier == "easy" and kind in ("read", "read-choice") and self.easy_tags[1] > 0:
+            n_other_tags = int(rng.integers(self.easy_tags[0], self.easy_tags[1] + 1))
         else:
-            n_other_tags = int(rng.integers(self.distractor_tags[0], self.distractor_tags[1] + 1)) if tier == "hard" else 0
+            n_other_tags = 0
         glyphs = [alphabet[i] for i in rng.permutation(len(alphabet))[: n_targets + n_other_tags]]
         if len(glyphs) < n_targets + n_other_tags:
             raise ValueError(f"distractor_tags {self.distractor_tags} needs more glyphs than the alphabet has")
