@@ -203,11 +203,13 @@ class SFTConfig:
     """Prefixes of parameter names kept fixed in the SFT (after any vision pretraining), e.g.
     ``["model.vision.stem", "model.vision.summary"]``: the SFT's pointing loss otherwise
     overwrites pretrained glyph features within a few hundred steps (docs/results.md)."""
-    vision_pretrain: VisionPretrainConfig | None = None
-    """Pretrain the tiny model's image encoder on what its crops show before the SFT
-    (`agents.vision_pretrain`; a dict of `VisionPretrainConfig` fields is accepted): a fresh
-    model's, or an `init_from` model's for a family it has not read yet (``target: "dense"``).
-    Its crops come from its own task spec or the first stage's; its minutes count in `max_minutes`."""
+    vision_pretrain: list[VisionPretrainConfig] = field(default_factory=list)
+    """Pretrain the tiny model's image towers before the SFT, one after the other
+    (`agents.vision_pretrain`; one config or a list, each a `VisionPretrainConfig` or a dict of
+    its fields): a fresh model's encoder on what its crops show, an `init_from` model's for a
+    family it has not read yet (``target: "dense"``), the pointer stem on the initial views
+    (``target: "view", tower: "pointer"``). Each takes its crops from its own task spec or
+    the first stage's; their minutes count in `max_minutes`."""
     pointer_weight: float = 1.0
     """Loss weight of box-token targets (one pointing decision among ~100 trained tokens of a trace)."""
     pointer_smoothing: float = 0.0
@@ -258,8 +260,9 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, SFTStage) else SFTStage(**s) for s in self.stages]
-        if isinstance(self.vision_pretrain, Mapping):
-            self.vision_pretrain = VisionPretrainConfig(**self.vision_pretrain)
+        pretrain = self.vision_pretrain
+        pretrain = [] if pretrain is None else [pretrain] if isinstance(pretrain, (Mapping, VisionPretrainConfig)) else pretrain
+        self.vision_pretrain = [p if isinstance(p, VisionPretrainConfig) else VisionPretrainConfig(**p) for p in pretrain]
         if not self.stages:
             raise ValueError("stages needs at least one SFTStage")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "max_new_tokens",
@@ -612,23 +615,30 @@ def _freeze(model: Any, prefixes: Sequence[str]) -> None:
 
 
 def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[float, list[str], dict[str, float]]:
-    """Run `config.vision_pretrain`; returns its minutes, the sample ids of its crops and its last record."""
-    pretrain = config.vision_pretrain
-    source, seed = task_source(pretrain.tasks or config.stages[0].tasks), config.seed * 1000 + 999
+    """Run `config.vision_pretrain` in order; returns their minutes, the sample ids of their images
+    and their last records (keys ``pretrain/...``, then ``pretrain2/...`` and on for later ones)."""
     bounds = ops.PixelBounds.resolve(config.env_kwargs.get("pixel_bounds", "tiny"))
-    if pretrain.target == "dense":
-        images, labels, ids = evidence_crops(source, pretrain.samples, seed, bounds.crop)
-    elif pretrain.target == "view":
-        images, labels, ids = initial_views(source, pretrain.samples, seed, bounds.image)
-    else:
-        options = TraceOptions(box_writer=BoxSnapper(box_vocab(model.config)), chat_format=config.chat_format,
-                               env_kwargs=dict(config.env_kwargs))
-        images, labels, ids = glyph_crops(source, pretrain.samples, seed, options, workers=config.trace_workers,
-                                          progress=config.progress)
-    tower = model.model.vision if pretrain.tower == "encoder" else PointerStemTower(model.pointer, model.config.hidden_size)
-    record = pretrain_vision(tower, processor.image_processor, images, labels, pretrain,
-                             seed=config.seed, progress=config.progress, autocast=config.autocast_dtype)
-    return record["pretrain/minutes"], sorted(ids), record
+    minutes, ids, records = 0.0, set(), {}
+    for index, pretrain in enumerate(config.vision_pretrain):
+        source, seed = task_source(pretrain.tasks or config.stages[0].tasks), config.seed * 1000 + 999 - index
+        if pretrain.target == "dense":
+            images, labels, used = evidence_crops(source, pretrain.samples, seed, bounds.crop)
+        elif pretrain.target == "view":
+            images, labels, used = initial_views(source, pretrain.samples, seed, bounds.image)
+        else:
+            options = TraceOptions(box_writer=BoxSnapper(box_vocab(model.config)), chat_format=config.chat_format,
+                                   env_kwargs=dict(config.env_kwargs))
+            images, labels, used = glyph_crops(source, pretrain.samples, seed, options, workers=config.trace_workers,
+                                               progress=config.progress)
+        tower = model.model.vision if pretrain.tower == "encoder" else PointerStemTower(model.pointer,
+                                                                                         model.config.hidden_size)
+        record = pretrain_vision(tower, processor.image_processor, images, labels, pretrain,
+                                 seed=config.seed, progress=config.progress, autocast=config.autocast_dtype)
+        minutes += record["pretrain/minutes"]
+        ids.update(used)
+        prefix = "pretrain/" if index == 0 else f"pretrain{index + 1}/"
+        records.update({prefix + key.removeprefix("pretrain/"): value for key, value in record.items()})
+    return minutes, sorted(ids), records
 
 
 def train_sft(config: SFTConfig, stop_after: int | None = None,
@@ -646,8 +656,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     """
     rank, world = distributed.rank_and_world()
     batch_sizes = [stage.batch_size or config.batch_size for stage in config.stages]
-    if config.vision_pretrain is not None:
-        batch_sizes.append(config.vision_pretrain.batch_size)
+    batch_sizes += [pretrain.batch_size for pretrain in config.vision_pretrain]
     if min(batch_sizes) < world:
         raise ValueError(f"every batch size must be at least the number of processes ({world}), got {batch_sizes}")
     if rank > 0:
@@ -659,7 +668,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     distributed.broadcast_parameters(model)
     latest = latest_checkpoint(checkpoints) if config.resume else None
     pretrain_minutes, pretrain_ids, pretrain_record = 0.0, [], None
-    if config.vision_pretrain is not None and latest is None:
+    if config.vision_pretrain and latest is None:
         pretrain_minutes, pretrain_ids, pretrain_record = _pretrain_vision(config, model, processor)
     _freeze(model, ["model.vision."] * config.freeze_vision + list(config.freeze))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -345,6 +345,14 @@ def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path)
     assert [r["step"] for r in read_metrics(tmp_path / "dense") if "pretrain/held_out_accuracy" in r] == [0]
     with pytest.raises(ValueError, match="'glyph', 'dense' or 'view'"):
         config(tmp_path, vision_pretrain={**pretrain, "target": "pooled"})
+    view = {"tasks": {"zoom-read": {"easy_tags": [1, 2], "hard_share": 0.0}}, "target": "view", "tower": "pointer",
+            "samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
+    both = config(tmp_path / "both", vision_pretrain=[pretrain, view], model={**SMALL, "pointer_stem": True},
+                  max_steps=1, checkpoint_every=0)
+    assert [p.tower for p in both.vision_pretrain] == ["encoder", "pointer"]
+    train_sft(both)  # the encoder, then the pointer stem: both records are logged at step 0
+    first = next(r for r in read_metrics(tmp_path / "both") if r["step"] == 0)
+    assert {"pretrain/held_out_accuracy", "pretrain2/held_out_accuracy"} <= set(first)
 
 
 def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(tmp_path: Path) -> None:
@@ -443,7 +451,7 @@ def test_a_config_with_init_from_drops_the_presets_fresh_model_overrides(tmp_pat
     path.write_text(json.dumps({"init_from": str(tmp_path / "model")}))
     assert sft.main(["--out", str(tmp_path / "run"), "--config", str(path)]) == 0
     assert seen["config"].init_from == str(tmp_path / "model") and seen["config"].model == {}
-    assert seen["config"].vision_pretrain is None
+    assert seen["config"].vision_pretrain == []
 
 
 def test_the_seed_flag_overrides_the_presets_seed(tmp_path: Path, monkeypatch) -> None:
@@ -499,7 +507,7 @@ def test_lr_position_follows_the_budget_that_runs_out_first() -> None:
 def test_every_preset_is_a_valid_config(tmp_path: Path, name: str) -> None:
     """Each `--preset` builds an `SFTConfig` whose stage minutes fit in its budget."""
     cfg = SFTConfig(**{**PRESETS[name], "out": str(tmp_path)})
-    timed = sum(s.minutes or 0 for s in cfg.stages) + (cfg.vision_pretrain.minutes if cfg.vision_pretrain else 0)
+    timed = sum(s.minutes or 0 for s in cfg.stages) + sum(p.minutes or 0 for p in cfg.vision_pretrain)
     assert timed < cfg.max_minutes and cfg.stages[-1].minutes is None
 
 
