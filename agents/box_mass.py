@@ -24,15 +24,17 @@ from pxr_env import ops
 from pxr_env.tasks import TaskSource
 
 
+def crop_holds(box: Sequence[float], size: tuple[int, int], evidence: Sequence[float], padding: float) -> bool:
+    """Whether the env's padded crop of `box` (fractions) in an image of `size` = (width, height)
+    holds the whole `evidence` box (pixels), as the env's ``crop_hit`` counts it."""
+    left, top, right, bottom = ops.crop_box_pixels(tuple(box), size, padding)
+    return left <= evidence[0] and top <= evidence[1] and right >= evidence[2] and bottom >= evidence[3]
+
+
 def hitting_boxes(vocab: BoxVocab, size: tuple[int, int], evidence: Sequence[float], padding: float) -> np.ndarray:
     """``(len(vocab),)`` True where the env's padded crop of the box holds the whole evidence box
     (pixels of an image of `size` = (width, height)), as the env's ``crop_hit`` counts it."""
-    ex1, ey1, ex2, ey2 = evidence
-    out = np.zeros(len(vocab), dtype=bool)
-    for index, box in enumerate(vocab.boxes):
-        left, top, right, bottom = ops.crop_box_pixels(box, size, padding)
-        out[index] = left <= ex1 and top <= ey1 and right >= ex2 and bottom >= ey2
-    return out
+    return np.array([crop_holds(box, size, evidence, padding) for box in vocab.boxes], dtype=bool)
 
 
 View = tuple[list[tuple[str, bool]], list[np.ndarray]]

@@ -17,7 +17,7 @@ the first crop lands:
 
 A pointer that ignores the question has ``follows`` near zero and ``stays`` near ``hit``;
 one that reads it has ``follows`` near ``hit``. ``python -m agents.question_swap --model M``
-prints the summary (docs/results.md, "The pointer does not read the question").
+prints the summary (docs/results.md, "Why the pointer ignores the question").
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from agents.box_mass import first_box_probs
+from agents.box_mass import crop_holds, first_box_probs
 from agents.traces import Trace
 from agents.vlm.chat import IM_END
 from agents.vlm.encoding import encode_segments
@@ -77,11 +77,8 @@ def swap_for(sample: Sample) -> Swap | None:
 
 def _holds(box: tuple[float, float, float, float] | None, evidence: Sequence[float], size: tuple[int, int],
            padding: float) -> bool:
-    """Whether the env's padded crop of `box` (fractions) holds the whole `evidence` (pixels)."""
-    if box is None:
-        return False
-    left, top, right, bottom = ops.crop_box_pixels(box, size, padding)
-    return left <= evidence[0] and top <= evidence[1] and right >= evidence[2] and bottom >= evidence[3]
+    """Whether the env's padded crop of `box` (fractions; None: no crop) holds the whole `evidence` (pixels)."""
+    return box is not None and crop_holds(box, size, evidence, padding)
 
 
 def _first_box(text: str, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
@@ -114,7 +111,8 @@ def first_turns(model: Any, processor: Any, prompts: Sequence[tuple[str, list[np
 
 def question_swap(model: Any, processor: Any, traces: Sequence[Trace], source: TaskSource, crop_padding: float,
                   batch_size: int = 16) -> list[dict[str, Any]]:
-    """One row per trace whose sample has a `Swap`: the sample id, both first boxes and the four flags."""
+    """One row per trace whose sample has a `Swap`: the sample id, both first boxes, the four flags
+    and ``tv`` (None for a model without box tokens)."""
     was_training = model.training
     model.eval()
     try:
