@@ -177,7 +177,8 @@ class PointerStemTower(torch.nn.Module):
         self.pointer, self.hidden_size = pointer, hidden_size
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.pointer.pixel_features(pixel_values, image_grid_thw, list(range(len(image_grid_thw)))))
+        return torch.cat(self.pointer.per_image(pixel_values, image_grid_thw, list(range(len(image_grid_thw))),
+                                                self.pointer.stem_features))
 
 
 def token_targets(points: Points, grid_h: int, grid_w: int) -> torch.Tensor:

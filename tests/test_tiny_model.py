@@ -362,7 +362,7 @@ def test_pointer_stem_starts_at_zero_learns_with_a_frozen_encoder_and_round_trip
     assert model.pointer.stem_out.weight.any() and model.pointer.stem[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.model.vision.parameters())
     _assert_round_trips(model.eval(), batch, tmp_path)
-    with pytest.raises(ValueError, match="pointer stem needs the pixel_values"):
+    with pytest.raises(ValueError, match="pointer stem or match term needs the pixel_values"):
         model.image_one_keys(torch.zeros(1, 3, 64), torch.tensor([[model.config.image_token_id] * 3]),
                              torch.tensor([[1, 1, 3]]), None)
 
@@ -395,13 +395,16 @@ def test_bidirectional_images_let_image_tokens_see_later_ones_only_within_their_
     _assert_round_trips(model, batch, tmp_path)
 
 
-def test_pointer_question_gates_the_keys_by_the_end_of_the_question(processor, tmp_path):
-    """With ``pointer_question`` the box logits depend on the text before image 1 through a gate
-    that starts at zero (a new branch leaves a model's outputs as they were, also when it is
-    added to a saved checkpoint); cached generation and save/load keep it."""
+@pytest.mark.parametrize("option, branch", [("pointer_question", "question"), ("pointer_match", "match_question")])
+def test_question_branches_of_the_pointer_start_at_zero_and_read_the_question(processor, tmp_path, option, branch):
+    """With ``pointer_question`` (a gate on the keys) or ``pointer_match`` (a question-match
+    term per cell) the box logits depend on the text before image 1 through a map that starts
+    at zero (a new branch leaves a model's outputs as they were, also when it is added to a
+    saved checkpoint); cached generation and save/load keep it."""
     small = dict(hidden_size=64, intermediate_size=128)
-    model = build_tiny_model(processor, seed=0, pointer_question=True, **small).eval()
-    assert model.pointer.question.weight.abs().sum() == 0
+    model = build_tiny_model(processor, seed=0, **{option: True}, **small).eval()
+    question_map = getattr(model.pointer, branch)
+    assert question_map.weight.abs().sum() == 0
 
     def inputs_for(question: str):
         conv = Conversation(question_first=True)
@@ -417,11 +420,12 @@ def test_pointer_question_gates_the_keys_by_the_end_of_the_question(processor, t
             return m(**inputs).logits[0, -1, start:]
 
     plain = build_tiny_model(processor, seed=0, **small).eval()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pointer.question")})
-    torch.testing.assert_close(box_logits(model, red), box_logits(plain, red))  # the zero gate changes nothing
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith(("pointer.question", "pointer.match"))})
+    torch.testing.assert_close(box_logits(model, red), box_logits(plain, red))  # the zero branch changes nothing
 
     with torch.no_grad():
-        model.pointer.question.weight.normal_(0, 0.5)
+        question_map.weight.normal_(0, 0.5)
     # The same image and the same text after it: only the question differs, and now the pointer sees it.
     shift = (box_logits(model, red) - box_logits(plain, red)).abs().max()
     assert shift > 1e-3
@@ -431,12 +435,40 @@ def test_pointer_question_gates_the_keys_by_the_end_of_the_question(processor, t
     _assert_cached_generation_matches_uncached(model, red)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(box_logits(loaded, red), box_logits(model, red), rtol=0, atol=0)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(box_logits(loaded, red), box_logits(model, red))
 
     checkpoint = tmp_path / "without"
     plain.save_pretrained(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "pointer_question": True}))
-    added = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()  # the gate is new to this checkpoint
-    assert added.pointer.question.weight.abs().sum() == 0
+    (checkpoint / "config.json").write_text(json.dumps({**config, option: True}))
+    added = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()  # the branch is new to this checkpoint
+    assert getattr(added.pointer, branch).weight.abs().sum() == 0
     torch.testing.assert_close(box_logits(added, red), box_logits(plain, red))
+
+
+def test_pointer_match_gets_a_gradient_at_its_zero_start(processor):
+    """The match term's cell features are random from the start, so the first pointing loss
+    already moves the question map (no saddle at zero), and the cell features of image 1
+    follow its pixels: a red blob raises the features of the cells it falls in."""
+    model = build_tiny_model(processor, seed=0, pointer_match=True, hidden_size=64, intermediate_size=128).train()
+    conv = Conversation(question_first=True)
+    conv.add_observation({"text": "What digit is written on the red square?", "images": (_image(0, (224, 224)),)})
+    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
+    logits = model(**inputs).logits[0, -1]
+    torch.nn.functional.cross_entropy(logits[None], torch.tensor([model.config.box_token_start_id + 5])).backward()
+    assert model.pointer.match_question.weight.grad.abs().sum() > 0
+
+    grid = model.config.pointer_grid
+    image = np.full((224, 224, 3), 200, dtype=np.uint8)
+    blob = image.copy()
+    blob[8:16, 8:16] = (230, 20, 20)  # an 8-px red square in the top-left cell
+    features = []
+    for picture in (image, blob):
+        pixels = processor.image_processor(images=[picture], return_tensors="pt")
+        with torch.no_grad():
+            features.append(model.pointer.per_image(pixels["pixel_values"], pixels["image_grid_thw"], [0],
+                                                    model.pointer.match_features)[0])
+    change = (features[1] - features[0]).abs().sum(-1).view(grid, grid)
+    assert change[1, 1] > 0 and change[grid - 1, grid - 1] == 0  # the blob's cell and its neighbours, not far away

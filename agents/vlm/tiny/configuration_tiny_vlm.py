@@ -59,6 +59,13 @@ class TinyVLMConfig(PreTrainedConfig):
             the decoder state at the box token alone, which in a tiny model kept no trace of
             the colour the question names, and the pointer chose the same tag whatever was
             asked (docs/results.md).
+        pointer_match: add to each pointer cell's logit a question-match term ``(A u) . f``:
+            ``f`` from per-pixel features of image 1 (two 1x1 convs of ``stem_channels``)
+            max-pooled over the cell and mixed with its neighbours (two 3x3 convs), ``u`` as
+            for ``pointer_question``, ``A`` starting at zero. ``f`` is random from the start,
+            so the gradient reaches ``A`` at once: unlike the gate, whose keys first need
+            colour features, it binds the colour the question names to the cells holding it
+            (docs/results.md).
         bidirectional_images: in the decoder, the tokens of each image attend to each other
             both ways (the rest stays causal). Causally, an image token sees only the tokens
             above and left of it, so the pointer's key of a chart value cannot take in the
@@ -93,6 +100,7 @@ class TinyVLMConfig(PreTrainedConfig):
     pointer_subcells: int = 1
     pointer_stem: bool = False
     pointer_question: bool = False
+    pointer_match: bool = False
     bidirectional_images: bool = False
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64

@@ -22,7 +22,9 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
   cell's centre, in the first image of the sequence (image 1: the tiny model crops only
   the original image). The location is copied from the image tokens, not memorised. The
   box logits join the ordinary logits in one softmax, so a box token's log-prob is read
-  like any other token's. Rows without an image give the box tokens no mass.
+  like any other token's. Rows without an image give the box tokens no mass. Options add
+  a pointer stem of its own, a gate of the keys by the question (``pointer_question``) or
+  a question-match term per cell (``pointer_match``).
 
 The keys of image 1 are computed where its tokens are in the input and returned as
 ``pointer_keys`` / ``pointer_valid``; `generate` carries them to the decoding steps. A
@@ -33,6 +35,7 @@ Beam search is not supported (the carried keys are not reordered).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +267,12 @@ class TinyVLMPointerHead(nn.Module):
     grid, through ``stem_out`` (zero at the start), is added to the decoder states the keys
     are made from. Pointing then has features of its own to shape while the image encoder
     (and so what the decoder reads) stays as it is, e.g. frozen after vision pretraining.
+
+    With ``pointer_match`` each cell's logit gets a question-match term ``(A u) . f_cell``:
+    ``f_cell`` comes from per-pixel features of image 1, max-pooled over the cell (a small
+    object's colour survives the pooling) and mixed with the neighbouring cells by two 3x3
+    convs; ``u`` is the end of the question and ``A`` starts at zero. The term is kept as
+    one more key column, so cached keys carry it through generation.
     """
 
     def __init__(self, config: TinyVLMConfig) -> None:
@@ -279,6 +288,14 @@ class TinyVLMPointerHead(nn.Module):
         self.size = nn.Linear(config.hidden_size, self.num_sizes, bias=False)
         self.size_bias = nn.Parameter(torch.zeros(self.num_sizes))
         self.question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False) if config.pointer_question else None
+        self.match_pixels = self.match_cells = self.match_question = None
+        if config.pointer_match:
+            c = config.stem_channels
+            self.match_pixels = nn.Sequential(nn.Conv2d(3, c, 1), nn.GELU(), nn.Conv2d(c, c, 1))
+            self.match_cells = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
+                                             nn.Conv2d(c, config.pointer_dim, 3, padding=1))
+            self.match_question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False)
+        self.key_width = config.pointer_dim + (1 if config.pointer_match else 0)
 
     def cell_index(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For each pointer cell (row-major), the index of the image token under its centre and
@@ -295,34 +312,56 @@ class TinyVLMPointerHead(nn.Module):
         parts = (sub_rows[:, None] * self.subcells + sub_cols[None, :]).reshape(-1)
         return tokens, parts
 
-    def pixel_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                       which: list[int]) -> list[torch.Tensor]:
-        """The stem's ``(h * w, hidden)`` token features of the images numbered ``which``."""
+    def per_image(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, which: list[int],
+                  branch: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """`branch` run over the images numbered ``which`` (batched by size): one output per image, in order."""
         pieces = pixel_values.split([int(t * h * w) for t, h, w in image_grid_thw.tolist()])
         chosen = torch.cat([pieces[i] for i in which])
-        features: list[torch.Tensor] = [chosen[:0]] * len(which)
+        outputs: list[torch.Tensor] = [chosen[:0]] * len(which)
         for indices, _, images in images_by_grid(chosen, image_grid_thw[which], self.patch_size):
-            grid = self.stem_out(self.stem(images).flatten(2).transpose(1, 2))
+            result = branch(images)
             for j, i in enumerate(indices):
-                features[i] = grid[j]
-        return features
+                outputs[i] = result[j]
+        return outputs
 
-    def keys(self, states: torch.Tensor, parts: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
-        """``(B, cells, hidden)`` image-token states, ``(B, cells)`` part numbers and ``(B, hidden)``
-        states before image 1 -> ``(B, cells, dim)`` keys.
+    def stem_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, H, W)`` images -> the stem's ``(n, tokens, hidden)`` features, as added to the keys' states."""
+        return self.stem_out(self.stem(images).flatten(2).transpose(1, 2))
+
+    def match_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, H, W)`` images -> ``(n, cells, dim)`` features of the match term: per-pixel features
+        max-pooled over each pointer cell, then mixed with the neighbouring cells."""
+        pooled = F.adaptive_max_pool2d(self.match_pixels(images), self.grid)
+        return self.match_cells(pooled).flatten(2).transpose(1, 2)
+
+    def keys(self, states: torch.Tensor, parts: torch.Tensor, asked: torch.Tensor,
+             match_cells: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, cells, hidden)`` image-token states, ``(B, cells)`` part numbers, ``(B, hidden)``
+        states before image 1 and, with ``pointer_match``, ``(B, cells, dim)`` match features
+        -> ``(B, cells, key_width)`` keys.
 
         With ``pointer_subcells`` s > 1 an image token gives s*s keys, one per part, so that
         the cells of a pointer grid finer than the token grid are told apart by content.
         With ``pointer_question`` the keys are gated by `asked` (the end of the question).
+        With ``pointer_match`` the last column is each cell's question-match term.
         """
         keys = self.key(states).unflatten(-1, (self.subcells ** 2, -1))
         keys = keys.gather(2, parts[..., None, None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
-        return keys if self.question is None else keys * (1 + self.question(asked))[:, None, :]
+        if self.question is not None:
+            keys = keys * (1 + self.question(asked))[:, None, :]
+        if self.match_question is None:
+            return keys
+        if match_cells is None:
+            raise ValueError("pointer_match needs the match features of image 1's cells")
+        match = torch.einsum("bd,bcd->bc", self.match_question(asked), match_cells) / math.sqrt(match_cells.shape[-1])
+        return torch.cat([keys, match[..., None]], dim=-1)
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``(B, L, hidden)`` states and ``(B, cells, dim)`` keys -> ``(B, L, cells * sizes)`` logits."""
+        """``(B, L, hidden)`` states and ``(B, cells, key_width)`` keys -> ``(B, L, cells * sizes)`` logits."""
         q = self.query(hidden)
-        cells = torch.einsum("bld,bcd->blc", q, keys) / math.sqrt(q.shape[-1])
+        cells = torch.einsum("bld,bcd->blc", q, keys[..., :q.shape[-1]]) / math.sqrt(q.shape[-1])
+        if self.match_question is not None:
+            cells = cells + keys[:, None, :, -1]
         sizes = self.size(hidden) + self.size_bias
         logits = (cells[..., :, None] + sizes[..., None, :]).flatten(-2)
         return logits.masked_fill(~valid[:, None, None], torch.finfo(logits.dtype).min)
@@ -504,6 +543,8 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         batch = hidden.shape[0]
         keys = hidden.new_zeros(batch, self.config.pointer_grid ** 2, hidden.shape[-1])
         asked = hidden.new_zeros(batch, hidden.shape[-1])
+        match = (hidden.new_zeros(batch, self.config.pointer_grid ** 2, self.config.pointer_dim)
+                 if self.config.pointer_match else None)
         parts = torch.zeros(batch, self.config.pointer_grid ** 2, dtype=torch.long, device=hidden.device)
         is_image = input_ids == self.config.image_token_id
         starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
@@ -512,21 +553,26 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         if image_grid_thw is not None and bool(valid.any()):
             first_image = (per_row.cumsum(0) - per_row).tolist()
             rows = torch.nonzero(valid).flatten().tolist()
-            pixel = None
-            if self.pointer.stem is not None:
+            stem = cells = None
+            if self.pointer.stem is not None or match is not None:
                 if pixel_values is None:
-                    raise ValueError("the pointer stem needs the pixel_values of the images in input_ids")
-                pixel = self.pointer.pixel_features(pixel_values.to(hidden.dtype), image_grid_thw,
-                                                    [first_image[b] for b in rows])
+                    raise ValueError("the pointer stem or match term needs the pixel_values of the images in input_ids")
+                pixels, firsts = pixel_values.to(hidden.dtype), [first_image[b] for b in rows]
+                if self.pointer.stem is not None:
+                    stem = self.pointer.per_image(pixels, image_grid_thw, firsts, self.pointer.stem_features)
+                if match is not None:
+                    cells = self.pointer.per_image(pixels, image_grid_thw, firsts, self.pointer.match_features)
             for j, b in enumerate(rows):
                 _, grid_h, grid_w = (int(v) for v in image_grid_thw[first_image[b]])
                 start = int(starts[b].nonzero()[0])
                 tokens, parts[b] = self.pointer.cell_index(grid_h, grid_w, hidden.device)
-                keys[b] = hidden[b, start + tokens] + (pixel[j][tokens] if pixel is not None else 0)
+                keys[b] = hidden[b, start + tokens] + (stem[j][tokens] if stem is not None else 0)
                 asked[b] = hidden[b, max(start - 2, 0)]  # before <|vision_start|>: the end of the question
+                if cells is not None:
+                    match[b] = cells[j]
         else:
             valid = torch.zeros_like(valid)
-        return self.pointer.keys(keys, parts, asked), valid
+        return self.pointer.keys(keys, parts, asked, match), valid
 
     @can_return_tuple
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -551,7 +597,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state
         if pointer_keys is None:
             if input_ids is None:
-                pointer_keys = hidden.new_zeros(hidden.shape[0], self.config.pointer_grid ** 2, self.config.pointer_dim)
+                pointer_keys = hidden.new_zeros(hidden.shape[0], self.config.pointer_grid ** 2, self.pointer.key_width)
                 pointer_valid = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
             else:
                 pointer_keys, pointer_valid = self.image_one_keys(hidden, input_ids, image_grid_thw, pixel_values)
