@@ -13,7 +13,7 @@ with their difficulty knobs and its trace counts and mix; a stage ends after its
 ``steps`` or ``minutes`` (of training time), the last one runs to the end. Each stage's
 traces are synthesized when the stage starts and encoded once (images kept as uint8
 patches, 4x smaller than float). A ``reading`` stage trains on the question, the final
-crop and the answer alone (`Trace.reading`), with its own batch size; a ``pointing`` stage
+crop (or the selected frames) and the answer alone (`Trace.reading`), with its own batch size; a ``pointing`` stage
 on the question, the original image and the first crop call alone (`Trace.pointing`).
 
 **Resume.** A checkpoint (`agents.checkpoint.save_checkpoint`) every `SFTConfig.checkpoint_every`
@@ -132,8 +132,9 @@ class SFTStage:
     minutes: float | None = None
     """Training minutes after which the stage ends (None: no time limit)."""
     reading: bool = False
-    """Train reading alone: each trace becomes its question with its last image (the crop) as
-    the only image, and its final turn, the only trained piece (`Trace.reading`). A tiny model
+    """Train reading alone: each trace becomes its question with its last observation (the final
+    crop, or the selected frames of a video trace) as the only images, and its final turn, the
+    only trained piece (`Trace.reading`). A tiny model
     learns to read through its decoder far sooner when the loss is the answer (docs/results.md)."""
     pointing: bool = False
     """Train the first decision alone: each trace becomes its question with the original image
@@ -245,9 +246,11 @@ class SFTConfig:
     trace_workers: int = 1
     """Processes that synthesize traces."""
     autocast: str | None = None
-    """Mixed precision of the training forward passes (vision pretraining and SFT): ``"bfloat16"``
-    or None (float32). Weights and optimizer state stay float32. On a CPU with AVX-512 BF16 a
-    step of the tiny model takes about 0.65-0.8 of the float32 time (`benchmarks/sft_step.py`)."""
+    """Mixed precision of the training forward passes (vision pretraining and SFT): ``"bfloat16"``,
+    ``"float16"``, ``"auto"`` (bfloat16 where the device computes it natively, else float32:
+    `native_bfloat16`) or None (float32). Weights and optimizer state stay float32. On a CPU with
+    AVX-512 BF16 a step of the tiny model takes about 0.65-0.8 of the float32 time; on one with
+    AVX2 alone (no native bfloat16) about 10 times it (`benchmarks/sft_step.py`)."""
     device: str = "cpu"
     """Where the model trains and is evaluated (``"cuda"``: the process's current GPU)."""
     dtype: str = "float32"
@@ -282,8 +285,8 @@ class SFTConfig:
             raise ValueError("lr must be > 0 and max_minutes > 0 when set")
         if self.init_from is not None and self.model:
             raise ValueError("model overrides apply to a fresh model only; drop them or init_from")
-        if self.autocast not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
+        if self.autocast not in (None, "auto", "bfloat16", "float16"):
+            raise ValueError(f"autocast must be None, 'auto', 'bfloat16' or 'float16', got {self.autocast!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         task_source(self.eval_tasks)
@@ -294,7 +297,19 @@ class SFTConfig:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype of the training forward passes, None for float32 (``"auto"`` resolved on `device`)."""
+        if self.autocast == "auto":
+            return torch.bfloat16 if native_bfloat16(self.device) else None
         return None if self.autocast is None else getattr(torch, self.autocast)
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU whose
+    oneDNN kernels have bfloat16 (AVX-512 or AMX). Elsewhere bfloat16 autocast is emulated and a
+    tiny model's step takes about 10 times its float32 time (AVX2, measured)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.device(device).type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # ------------------------------------------------------------------ data
@@ -691,7 +706,8 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     if pretrain_record is not None:
         log(0, pretrain_record)
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+        resolved = {"autocast_dtype": str(config.autocast_dtype).removeprefix("torch.")}
+        (out / "config.json").write_text(json.dumps(asdict(config) | resolved, indent=2, default=str) + "\n")
     boxes = box_vocab(model.config)
     neighbours = neighbour_boxes(boxes) if config.pointer_smoothing > 0 and boxes is not None else None
     pad_id = processor.tokenizer.pad_token_id
@@ -741,7 +757,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         total = 0.0
         for batch in batches:
             with torch.autocast(torch.device(config.device).type, dtype=config.autocast_dtype,
-                                enabled=config.autocast is not None):
+                                enabled=config.autocast_dtype is not None):
                 loss_sum, _ = sft_loss_sum(model, batch, config.pointer_smoothing, neighbours, config.pointer_weight,
                                            config.answer_weight)
             (loss_sum * world / max(n_tokens, 1)).backward()
@@ -831,11 +847,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
         max_steps=2400, max_minutes=20.0, batch_size=8, lr=2e-3, warmup_ratio=0.04, pointer_weight=5.0,
         eval_every=0, eval_tasks=ZOOM_ALL, eval_samples=100, checkpoint_every=100,
-        autocast="bfloat16",
+        autocast="auto",
     ),
 }
 """Named configurations (`--preset`). ``warmstart`` is the documented warm start: 20 minutes on
-two processes (``torchrun --standalone --nproc-per-node 2 -m agents.sft``), bfloat16 autocast;
+two processes (``torchrun --standalone --nproc-per-node 2 -m agents.sft``), bfloat16 autocast
+where the CPU computes it natively;
 vision pretraining, a reading stage, six minutes of pointing in the default clutter, then
 whole traces from uncluttered to the default suite (docs/results.md)."""
 
@@ -852,7 +869,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="training-time budget")
     parser.add_argument("--max-steps", type=int, help="optimizer steps of the schedule")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per process)")
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="mixed-precision training forward passes")
+    parser.add_argument("--autocast", choices=["auto", "bfloat16", "float16", "none"],
+                        help="mixed-precision training forward passes (none: float32; auto: bfloat16 where native)")
     parser.add_argument("--device", help="where to train, e.g. cuda (default: the config's, cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights dtype of an init_from model (default: the config's, float32)")
@@ -894,7 +912,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      max_minutes=args.max_minutes if args.max_minutes is not None else config.max_minutes,
                      max_steps=args.max_steps or config.max_steps,
                      seed=args.seed if args.seed is not None else config.seed,
-                     autocast=args.autocast or config.autocast, device=args.device or config.device,
+                     autocast=config.autocast if args.autocast is None else None if args.autocast == "none"
+                     else args.autocast, device=args.device or config.device,
                      dtype=args.dtype or config.dtype)
     distributed.init()
     results = train_sft(config)

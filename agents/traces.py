@@ -196,20 +196,23 @@ class Trace:
         return conversation_segments(self.conversation.messages, self.trained)
 
     def reading(self) -> tuple[list[tuple[str, bool]], list[np.ndarray]]:
-        """The trace reduced to reading its last image: segments and images of a one-turn conversation.
+        """The trace reduced to reading what it last looked at: segments and images of a one-turn conversation.
 
-        The system message, the first user message with the trace's last image (the final
-        crop, or the original of a textual trace) in place of the original, and the final
-        assistant turn, the only piece trained. Video traces are refused. A reading stage of
-        the SFT trains on these, so that the loss is the answer alone (`agents.sft.SFTStage.reading`).
+        The system message, the first user message with the trace's last observation in place of
+        the original (the final crop, the selected frames of a video trace, or the original image
+        or frames of a textual trace), and the final assistant turn, the only piece trained. A
+        reading stage of the SFT trains on these, so that the loss is the answer alone
+        (`agents.sft.SFTStage.reading`).
         """
         messages = self.conversation.messages
         first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        if sum(item.get("type") == "image" for item in messages[first]["content"]) != 1:
-            raise ValueError(f"{self.sample_id}: reading items are made of image traces (one image in the question), "
-                             f"not of video traces")
-        reduced = [*messages[:first], messages[first], messages[-1]]
-        return conversation_segments(reduced, [self.trained[-1]]), [self.images[-1]]
+        shown = next(m for m in reversed(messages) if m["role"] == "user")
+        n_images = sum(item.get("type") == "image" for item in shown["content"])
+        question = [dict(item) for item in messages[first]["content"] if item.get("type") != "image"]
+        at = next(i for i, item in enumerate(messages[first]["content"]) if item.get("type") == "image")
+        question[at:at] = [{"type": "image"}] * n_images
+        reduced = [*messages[:first], {**messages[first], "content": question}, messages[-1]]
+        return conversation_segments(reduced, [self.trained[-1]]), self.images[len(self.images) - n_images:]
 
     def pointing(self) -> tuple[list[tuple[str, bool]], list[np.ndarray]]:
         """The trace reduced to its first decision: segments and images of a one-turn conversation.

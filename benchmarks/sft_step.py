@@ -9,7 +9,8 @@ the batch has a label (``logits_to_keep``); this compares it with the same loss 
 from the logits of every position, in one run, as a ratio (machines here are noisy). It
 also times the labelled-position loss under ``torch.autocast(dtype=torch.bfloat16)``
 (`SFTConfig.autocast`), whose matrix products run at about 2.7x the float32 speed on a CPU
-with AVX-512 BF16.
+with AVX-512 BF16 and far slower than float32 on one with AVX2 alone, where bfloat16 is
+emulated (`agents.sft.native_bfloat16` tells them apart; the preset's ``"auto"`` uses it).
 
     python benchmarks/sft_step.py --grid 28 --subcells 2 --repeats 10
 

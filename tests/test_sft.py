@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from agents.logger import read_metrics
 from agents.sft import (
-    PRESETS, SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, lr_position, neighbour_boxes, oracle_op_scores,
+    PRESETS, SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, lr_position, native_bfloat16, neighbour_boxes,
+    oracle_op_scores,
     sft_loss_sum,
     snap_to_box_tokens, stage_items, task_source, train_sft,
 )
@@ -414,6 +415,17 @@ def test_stage_settings_are_checked() -> None:
         SFTStage(reading=True, pointing=True)
     with pytest.raises(ValueError, match="autocast"):
         SFTConfig(autocast="int8")
+
+
+def test_auto_autocast_takes_bfloat16_only_where_the_device_computes_it(monkeypatch) -> None:
+    """``autocast: "auto"`` (the preset's) is bfloat16 on a CPU with native bfloat16 and float32
+    on one without, where emulated bfloat16 runs about 10 times slower; an explicit dtype stays."""
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert native_bfloat16("cpu") is native
+        assert SFTConfig(autocast="auto").autocast_dtype is expected
+        assert SFTConfig(autocast="bfloat16").autocast_dtype is torch.bfloat16
+    assert SFTConfig().autocast_dtype is None and PRESETS["warmstart"]["autocast"] == "auto"
 
 
 def test_a_finer_pointer_grid_trains_on_its_own_box_tokens_and_reloads(tmp_path: Path) -> None:

@@ -226,21 +226,30 @@ def test_command_line_writes_a_loadable_folder(tmp_path, capsys):
     assert len(load_traces(tmp_path)) == 4
 
 
-def test_reading_keeps_the_question_the_last_image_and_the_answer(traces):
-    """`Trace.reading`: one image (the final crop), the question, and only the final turn trained."""
-    kinds = ("image/recrop-once", TEXT_KIND)
-    for trace in [t for t in traces if t.kind in kinds and not t.sample_id.startswith("video")][:4]:
+def test_reading_keeps_the_question_the_last_observation_and_the_answer(traces):
+    """`Trace.reading`: what the trace last looked at (the final crop, the selected frames, or the
+    original of a textual trace), the question, and only the final turn trained."""
+    by_kind = _by_kind(traces)
+    video_text = [t for t in by_kind[TEXT_KIND] if t.sample_id.startswith("video")]
+    image_text = [t for t in by_kind[TEXT_KIND] if not t.sample_id.startswith("video")]
+    cases = [(by_kind["image/recrop-once"][0], 1), (image_text[0], 1), (by_kind["video/single"][0], None),
+             (by_kind["video/reselect"][0], None), (video_text[0], len(video_text[0].images))]
+    for trace, n_shown in cases:
+        last_output = next(m for m in reversed(trace.conversation.messages) if m["role"] == "user")
+        n_shown = n_shown or sum(item.get("type") == "image" for item in last_output["content"])
         segments, images = trace.reading()
-        assert len(images) == 1 and images[0] is trace.images[-1]
+        assert len(images) == n_shown and all(a is b for a, b in zip(images, trace.images[-n_shown:]))
         text = "".join(piece for piece, _ in segments)
-        assert text.count("<|image_pad|>") == 1 and text.count("<|im_start|>assistant") == 1
+        assert text.count("<|image_pad|>") == n_shown and text.count("<|im_start|>assistant") == 1
         assert trace.conversation.messages[-1]["content"][0]["text"] in text
         assert [flag for _, flag in segments] == [False, trace.trained[-1]]
         question = next(m for m in trace.conversation.messages if m["role"] == "user")["content"]
         assert all(item["text"] in text for item in question if item.get("type") == "text")
-    video = next(t for t in traces if t.kind.startswith("video/"))
-    with pytest.raises(ValueError, match="video traces"):
-        video.reading()
+    reselect = by_kind["video/reselect"][0]
+    question = next(m for m in reselect.conversation.messages if m["role"] == "user")["content"]
+    n_original = sum(item.get("type") == "image" for item in question)
+    missed = reselect.images[n_original:len(reselect.images) - len(reselect.reading()[1])]
+    assert missed and not any(a is b for a in reselect.reading()[1] for b in missed)
 
 
 def test_pointing_keeps_the_question_the_original_and_the_first_turn(traces):
