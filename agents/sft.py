@@ -13,8 +13,9 @@ with their difficulty knobs and its trace counts and mix; a stage ends after its
 ``steps`` or ``minutes`` (of training time), the last one runs to the end. Each stage's
 traces are synthesized when the stage starts and encoded once (images kept as uint8
 patches, 4x smaller than float). A ``reading`` stage trains on the question, the final
-crop (or the selected frames) and the answer alone (`Trace.reading`), with its own batch size; a ``pointing`` stage
-on the question, the original image and the first crop call alone (`Trace.pointing`).
+crop (or the selected frames) and the answer alone (`Trace.reading`), with its own batch
+size; a ``pointing`` stage on the question, the original image and the first crop call
+alone (`Trace.pointing`).
 
 **Resume.** A checkpoint (`agents.checkpoint.save_checkpoint`) every `SFTConfig.checkpoint_every`
 steps holds the model, optimizer, schedule, RNG states and the training clock; the
@@ -134,8 +135,8 @@ class SFTStage:
     reading: bool = False
     """Train reading alone: each trace becomes its question with its last observation (the final
     crop, or the selected frames of a video trace) as the only images, and its final turn, the
-    only trained piece (`Trace.reading`). A tiny model
-    learns to read through its decoder far sooner when the loss is the answer (docs/results.md)."""
+    only trained piece (`Trace.reading`). A tiny model learns to read through its decoder far
+    sooner when the loss is the answer (docs/results.md)."""
     pointing: bool = False
     """Train the first decision alone: each trace becomes its question with the original image
     and its first turn (the first crop), the only trained piece (`Trace.pointing`), so that a
@@ -249,8 +250,9 @@ class SFTConfig:
     """Mixed precision of the training forward passes (vision pretraining and SFT): ``"bfloat16"``,
     ``"float16"``, ``"auto"`` (bfloat16 where the device computes it natively, else float32:
     `native_bfloat16`) or None (float32). Weights and optimizer state stay float32. On a CPU with
-    AVX-512 BF16 a step of the tiny model takes about 0.65-0.8 of the float32 time; on one with
-    AVX2 alone (no native bfloat16) about 10 times it (`benchmarks/sft_step.py`)."""
+    AVX-512 BF16 a step of the tiny model takes about 0.65-0.8 of the float32 time
+    (`benchmarks/sft_step.py`); on one with AVX2 alone (no native bfloat16) the encoder's step
+    took about 10 times it (docs/results.md)."""
     device: str = "cpu"
     """Where the model trains and is evaluated (``"cuda"``: the process's current GPU)."""
     dtype: str = "float32"
@@ -305,8 +307,8 @@ class SFTConfig:
 
 def native_bfloat16(device: str) -> bool:
     """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU whose
-    oneDNN kernels have bfloat16 (AVX-512 or AMX). Elsewhere bfloat16 autocast is emulated and a
-    tiny model's step takes about 10 times its float32 time (AVX2, measured)."""
+    oneDNN kernels have bfloat16 (AVX-512 or AMX). Elsewhere bfloat16 autocast is emulated: the
+    image encoder's step took about 10 times its float32 time (AVX2, docs/results.md)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return torch.device(device).type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -912,8 +914,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      max_minutes=args.max_minutes if args.max_minutes is not None else config.max_minutes,
                      max_steps=args.max_steps or config.max_steps,
                      seed=args.seed if args.seed is not None else config.seed,
-                     autocast=config.autocast if args.autocast is None else None if args.autocast == "none"
-                     else args.autocast, device=args.device or config.device,
+                     autocast={None: config.autocast, "none": None}.get(args.autocast, args.autocast),
+                     device=args.device or config.device,
                      dtype=args.dtype or config.dtype)
     distributed.init()
     results = train_sft(config)
