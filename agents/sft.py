@@ -11,11 +11,11 @@ crops are executed, the crops fed back, the answer scored. Metrics go to `Metric
 **Curriculum.** `SFTConfig.stages` is a list of `SFTStage`: each names its task families
 with their difficulty knobs and its trace counts and mix; a stage ends after its
 ``steps`` or ``minutes`` (of training time), the last one runs to the end. Each stage's
-traces are synthesized when the stage starts and encoded once (images kept as uint8
-patches, 4x smaller than float). A ``reading`` stage trains on the question, the final
-crop (or the selected frames) and the answer alone (`Trace.reading`), with its own batch
-size; a ``pointing`` stage on the question, the original image and the first crop call
-alone (`Trace.pointing`).
+traces are synthesized when the stage starts and encoded as they come; only the current
+stage's items are held, their images as uint8 patches (4x smaller than float). A
+``reading`` stage trains on the question, the final crop (or the selected frames) and the
+answer alone (`Trace.reading`), with its own batch size; a ``pointing`` stage on the
+question, the original image and the first crop call alone (`Trace.pointing`).
 
 **Resume.** A checkpoint (`agents.checkpoint.save_checkpoint`) every `SFTConfig.checkpoint_every`
 steps holds the model, optimizer, schedule, RNG states and the training clock; the
@@ -58,7 +58,7 @@ from agents.logger import MetricLogger
 from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
 from agents.schedules import cosine_factor
-from agents.traces import Trace, TraceMix, TraceOptions, play_traces, synthesize_traces
+from agents.traces import Trace, TraceMix, TraceOptions, iter_traces, play_traces
 from agents.vision_pretrain import (PointerStemTower, VisionPretrainConfig, evidence_crops, glyph_crops,
                                     initial_views, pretrain_vision)
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
@@ -337,13 +337,15 @@ def stage_items(config: SFTConfig, stage_index: int, processor: Any,
     stage = config.stages[stage_index]
     options = TraceOptions(box_writer=None if boxes is None else BoxSnapper(boxes), chat_format=config.chat_format,
                            env_kwargs=dict(config.env_kwargs))
-    traces = synthesize_traces(task_source(stage.tasks), stage.n_pixel, stage.n_text,
-                               mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
-                               seed=config.seed * 1000 + stage_index, options=options,
-                               workers=config.trace_workers, progress=config.progress)
-    items = [_compact(encode_segments(processor, *_stage_view(stage, t)))
-             for t in tqdm(traces, desc=f"encode stage {stage_index}", disable=not config.progress)]
-    return items, {t.sample_id for t in traces}
+    traces = iter_traces(task_source(stage.tasks), stage.n_pixel, stage.n_text,
+                         mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
+                         seed=config.seed * 1000 + stage_index, options=options,
+                         workers=config.trace_workers, progress=config.progress)
+    items, used = [], set()
+    for trace in traces:  # encoded as they come: only the items, not every trace's arrays, are held
+        items.append(_compact(encode_segments(processor, *_stage_view(stage, trace))))
+        used.add(trace.sample_id)
+    return items, used
 
 
 def _stage_view(stage: SFTStage, trace: Trace) -> tuple[list[tuple[str, bool]], list[np.ndarray]]:
@@ -718,6 +720,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
 
     def items_of(index: int) -> list[dict[str, torch.Tensor]]:
         if index not in stage_cache:
+            stage_cache.clear()  # stages only move forward: the items of the one before are not needed again
             stage_cache[index], used = stage_items(config, index, processor, boxes)
             train_ids.update(used)
         return stage_cache[index]
@@ -744,6 +747,8 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         if stop_after is not None and step >= stop_after:
             break
         index = _stage_at(config, step, minutes - pretrain_minutes, starts)
+        if index not in stage_cache:
+            items = []  # the previous stage's items go before the next stage's are made
         items = items_of(index)
         for name, param in trainable.items():
             param.requires_grad_(name not in stage_frozen[index])

@@ -52,11 +52,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -794,6 +794,18 @@ def synthesize_traces(task_source: Any, n_pixel: int, n_text: int, mix: TraceMix
     `chunk_size`: trace ``i`` draws its samples and words from ``default_rng([seed, i])``.
     With ``workers > 1`` chunks run in processes (the task source and `options` must pickle).
     """
+    return list(iter_traces(task_source, n_pixel, n_text, mix, seed, options, workers, chunk_size, progress))
+
+
+def iter_traces(task_source: Any, n_pixel: int, n_text: int, mix: TraceMix | None = None, seed: int = 0,
+                options: TraceOptions | None = None, workers: int = 1, chunk_size: int = 32,
+                progress: bool = True) -> Iterator[Trace]:
+    """The traces of `synthesize_traces`, in the same order, one chunk at a time.
+
+    At most ``2 * workers`` chunks are held at once, so that a consumer that keeps less than a
+    trace (an encoded item, say) holds a few chunks' images rather than all of them: 3,000
+    video traces of 16 frames are several GiB as arrays.
+    """
     if n_pixel < 0 or n_text < 0 or n_pixel + n_text == 0:
         raise ValueError(f"need n_pixel >= 0 and n_text >= 0, not both 0; got {n_pixel}, {n_text}")
     if workers < 1 or chunk_size < 1:
@@ -803,18 +815,27 @@ def synthesize_traces(task_source: Any, n_pixel: int, n_text: int, mix: TraceMix
     options = options or TraceOptions()
     jobs = _plan(n_pixel, n_text, mix, seed)
     chunks = [jobs[i:i + chunk_size] for i in range(0, len(jobs), chunk_size)]
-    traces: list[Trace] = []
     with tqdm(total=len(jobs), desc="traces", unit="trace", disable=not progress) as bar:
         if workers == 1:
             for chunk in chunks:
-                traces.extend(_run_chunk(source, chunk, options, seed))
+                yield from _run_chunk(source, chunk, options, seed)
                 bar.update(len(chunk))
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(_run_chunk, source, chunk, options, seed) for chunk in chunks]
-                for chunk, future in zip(chunks, futures):
-                    traces.extend(future.result())
-                    bar.update(len(chunk))
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append((len(chunk), pool.submit(_run_chunk, source, chunk, options, seed)))
+                if len(pending) >= 2 * workers:
+                    yield from _collect(pending.popleft(), bar)
+            while pending:
+                yield from _collect(pending.popleft(), bar)
+
+
+def _collect(entry: tuple[int, Any], bar: tqdm) -> list[Trace]:
+    """The traces of one finished chunk (size, future), counted on `bar`."""
+    size, future = entry
+    traces = future.result()
+    bar.update(size)
     return traces
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from agents.traces import (
     IMAGE_KINDS, TEXT_KIND, VIDEO_KINDS, Trace, TraceMix, TraceOptions, load_traces, main, save_traces, summarize,
-    synthesize_traces,
+    iter_traces, synthesize_traces,
 )
 from agents.vlm.tiny.boxes import BoxVocab
 from pxr_env import ops
@@ -170,8 +170,17 @@ def test_same_seed_same_traces_whatever_the_chunking_or_workers():
     args = ("chart", 10, 2)
     first = synthesize_traces(*args, seed=3, chunk_size=5, progress=False)
     assert _same(first, synthesize_traces(*args, seed=3, chunk_size=32, progress=False))
-    assert _same(first, synthesize_traces(*args, seed=3, chunk_size=3, workers=2, progress=False))
+    assert _same(first, synthesize_traces(*args, seed=3, chunk_size=2, workers=2, progress=False))
     assert not _same(first, synthesize_traces(*args, seed=4, progress=False))
+
+
+def test_iter_traces_yields_the_same_traces_a_chunk_at_a_time():
+    args = ("chart", 10, 2)
+    first = synthesize_traces(*args, seed=3, progress=False)
+    lazy = iter_traces(*args, seed=3, chunk_size=1, progress=False)
+    assert _same(first[:1], [next(lazy)])
+    lazy.close()
+    assert _same(first, list(iter_traces(*args, seed=3, chunk_size=1, workers=2, progress=False)))
 
 
 def test_box_writer_and_decimals_shape_every_written_box():
