@@ -13,6 +13,7 @@ with AVX-512 BF16 and far slower than float32 on one with AVX2 alone, where bflo
 emulated (`agents.sft.native_bfloat16` tells them apart; the preset's ``"auto"`` uses it).
 
     python benchmarks/sft_step.py --grid 28 --subcells 2 --repeats 10
+    python benchmarks/sft_step.py --view pointing --batch-size 16   # a pointing stage's step
 
 Prints the median forward + backward time of each and the ratios.
 """
@@ -26,14 +27,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from agents.sft import BoxSnapper, sft_loss_sum
-from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from agents.sft import PRESETS, TINY_SYSTEM, BoxSnapper, box_vocab, sft_loss_sum
+from agents.traces import Trace, TraceMix, TraceOptions, synthesize_traces
 from agents.vlm.chat import ChatFormat
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
-from agents.vlm.tiny import BoxVocab, build_tiny_model, build_tiny_processor
-
-SHIPPED = {"hidden_size": 128, "intermediate_size": 384, "vision_num_layers": 1, "token_conv": True,
-           "stem_norm": True, "image_summary": True}
+from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
 
 
 def full_logits_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -52,16 +50,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--view", choices=["whole", "reading", "pointing"], default="whole",
+                        help="what of each trace a step trains on (the warm start's stage kinds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    boxes = BoxVocab(args.grid)
+    shape = PRESETS["warmstart"]["model"] | {"pointer_grid": args.grid, "pointer_subcells": args.subcells}
+    boxes = box_vocab(TinyVLMConfig(**shape))
     processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
-    model = build_tiny_model(processor, seed=0, pointer_grid=args.grid, pointer_subcells=args.subcells, **SHIPPED)
-    chat = ChatFormat(system="You are a visual agent. Zoom in with crop_image when a detail is small.",
-                      question_first=True)
+    model = build_tiny_model(processor, seed=0, **shape)
+    chat = ChatFormat(system=TINY_SYSTEM, question_first=True)
     traces = synthesize_traces("zoom-read", args.batch_size, 0, mix=TraceMix(image={"image/single": 1.0}, video_share=0.0),
                                seed=0, options=TraceOptions(box_writer=BoxSnapper(boxes), chat_format=chat), progress=False)
-    batch = collate([encode_segments(processor, t.segments(), t.images) for t in traces], processor.tokenizer.pad_token_id)
+    views = {"whole": lambda t: (t.segments(), t.images), "reading": Trace.reading, "pointing": Trace.pointing}
+    batch = collate([encode_segments(processor, *views[args.view](t)) for t in traces], processor.tokenizer.pad_token_id)
     with torch.no_grad():
         kept, _ = sft_loss_sum(model, batch)
         torch.testing.assert_close(kept, full_logits_loss(model, batch), rtol=1e-4, atol=1e-3)

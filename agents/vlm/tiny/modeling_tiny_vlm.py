@@ -367,6 +367,22 @@ class TinyVLMPointerHead(nn.Module):
         return logits.masked_fill(~valid[:, None, None], torch.finfo(logits.dtype).min)
 
 
+class TinyVLMTextHead(nn.Linear):
+    """The LM head, tied to the embeddings, whose output is the logits of the text tokens alone.
+
+    The box tokens' rows (the last of the vocabulary) go unused: the pointer head gives those
+    logits. Over all rows the head took about 0.16 s of a 1.4 s float32 reading step (batch
+    32, one AVX2 core). It stays a module, so hooks on the output embeddings see its input.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, text_rows: int) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.text_rows = text_rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight[:self.text_rows])
+
+
 class TinyVLMPreTrainedModel(PreTrainedModel):
     """Weight initialisation and the transformers plumbing shared by the tiny VLM classes."""
 
@@ -498,7 +514,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
             raise ValueError("config.box_token_start_id and config.image_token_id must be set; "
                              "build the model with agents.vlm.tiny.build_tiny_model")
         self.model = TinyVLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = TinyVLMTextHead(config.hidden_size, config.vocab_size, text_rows=config.box_token_start_id)
         self.pointer = TinyVLMPointerHead(config)
         self.post_init()
 
@@ -604,9 +620,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         elif pointer_valid is None:
             raise ValueError("pointer_keys need pointer_valid (both come in the model's output)")
         hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
-        start = self.config.box_token_start_id
-        logits = torch.cat([self.lm_head(hidden)[..., :start],
-                            self.pointer(hidden, pointer_keys, pointer_valid)], dim=-1)
+        logits = torch.cat([self.lm_head(hidden), self.pointer(hidden, pointer_keys, pointer_valid)], dim=-1)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
