@@ -635,9 +635,16 @@ def _freeze(model: Any, prefixes: Sequence[str]) -> None:
 
 def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[float, list[str], dict[str, float]]:
     """Run `config.vision_pretrain` in order; returns their minutes, the sample ids of their images
-    and their last records (keys ``pretrain/...``, then ``pretrain2/...`` and on for later ones)."""
+    and their last records (keys ``pretrain/...``, then ``pretrain2/...`` and on for later ones).
+
+    Each one's curve (loss and held-out accuracy every 50 of its steps) goes to a run folder
+    of its own, ``out/pretrain`` (then ``out/pretrain2``, ...): its steps are not the SFT's.
+    The glyph target sits at the loss of the class prior for several hundred steps before it
+    falls, for a number of steps that follows the model's initialisation (docs/results.md).
+    """
     bounds = ops.PixelBounds.resolve(config.env_kwargs.get("pixel_bounds", "tiny"))
     minutes, ids, records = 0.0, set(), {}
+    rank, _ = distributed.rank_and_world()
     for index, pretrain in enumerate(config.vision_pretrain):
         source, seed = task_source(pretrain.tasks or config.stages[0].tasks), config.seed * 1000 + 999 - index
         if pretrain.target == "dense":
@@ -651,11 +658,16 @@ def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[flo
                                                progress=config.progress)
         tower = model.model.vision if pretrain.tower == "encoder" else PointerStemTower(model.pointer,
                                                                                          model.config.hidden_size)
-        record = pretrain_vision(tower, processor.image_processor, images, labels, pretrain,
-                                 seed=config.seed, progress=config.progress, autocast=config.autocast_dtype)
+        prefix = "pretrain/" if index == 0 else f"pretrain{index + 1}/"
+        curve = (MetricLogger(Path(config.out) / prefix.rstrip("/"), resume_step=0 if config.resume else None)
+                 if rank == 0 else None)
+        record = pretrain_vision(tower, processor.image_processor, images, labels, pretrain, seed=config.seed,
+                                 log=None if curve is None else curve.log, progress=config.progress,
+                                 autocast=config.autocast_dtype)
+        if curve is not None:
+            curve.close()
         minutes += record["pretrain/minutes"]
         ids.update(used)
-        prefix = "pretrain/" if index == 0 else f"pretrain{index + 1}/"
         records.update({prefix + key.removeprefix("pretrain/"): value for key, value in record.items()})
     return minutes, sorted(ids), records
 

@@ -339,6 +339,8 @@ def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path)
     train_sft(config(tmp_path, vision_pretrain=pretrain, checkpoint_every=1, resume=True))
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if "pretrain/minutes" in r] == [0]
+    curve = read_metrics(tmp_path / "pretrain")  # its own steps, in a folder of its own
+    assert [r["step"] for r in curve] == [2] and "pretrain/held_out_accuracy" in curve[0]
     assert (tmp_path / "final" / "model.safetensors").exists()
     dense = {"tasks": {"chart": {}}, "target": "dense", "samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
     train_sft(config(tmp_path / "dense", vision_pretrain=dense, init_from=str(tmp_path / "final"), model={},
@@ -354,6 +356,7 @@ def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path)
     train_sft(both)  # the encoder, then the pointer stem: both records are logged at step 0
     first = next(r for r in read_metrics(tmp_path / "both") if r["step"] == 0)
     assert {"pretrain/held_out_accuracy", "pretrain2/held_out_accuracy"} <= set(first)
+    assert read_metrics(tmp_path / "both" / "pretrain2")[-1]["step"] == 2
 
 
 def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(tmp_path: Path) -> None:
