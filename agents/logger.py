@@ -63,6 +63,20 @@ def _scalar(key: str, value: Any) -> float:
     raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}")
 
 
+def _wait_past_event_files(run_dir: Path) -> None:
+    """Wait until the clock's second is past that of every event file in `run_dir`.
+
+    TensorBoard reads a folder's event files in name order; a name starts with the second
+    the file was made and ends with a per-process counter, so a resumed writer made in the
+    same second as the earlier one (counter 10 after 9) could be read first, and its purge
+    would then hide nothing.
+    """
+    stamps = [int(parts[3]) for parts in (path.name.split(".") for path in run_dir.glob("events.out.tfevents.*"))
+              if len(parts) > 3 and parts[3].isdigit()]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
+
+
 class MetricLogger:
     """Writes metrics of each training step to TensorBoard and to ``metrics.jsonl``.
 
@@ -106,6 +120,8 @@ class MetricLogger:
                     "TensorBoard logging needs the tensorboard package (pip install 'pxr[train]'); "
                     "or pass tensorboard=False"
                 ) from error
+            if resume_step is not None:
+                _wait_past_event_files(self.run_dir)
             self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=resume_step)
         self._rewrite(kept)
         self._file = open(self.path, "a", encoding="utf-8")
