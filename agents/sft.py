@@ -852,7 +852,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         env_kwargs={"crop_padding": 0.02, "pixel_bounds": {"crop": [112 * 112, 112 * 112]}},
         vision_pretrain=VisionPretrainConfig(
             tasks={"zoom-read": {**ZOOM_READ_WIDE["zoom-read"], "hard_share": 0.0, "questions": ["read"]}},
-            samples=9600, steps=3000, minutes=4.5, batch_size=32, lr=1e-3, held_out=200),
+            samples=9600, steps=3000, minutes=4.5, batch_size=32, lr=1e-3, held_out=200, glyph_head="pooled"),
         freeze=["model.vision"],
         stages=[
             SFTStage(tasks=ZOOM_READ_WIDE, n_pixel=6000, image_mix={"image/single": 1.0}, minutes=3.5, reading=True,

@@ -170,7 +170,8 @@ class Trace:
 
     `conversation` holds the messages and images exactly as played; `trained` has one flag
     per assistant turn (False on the deliberate mistakes); `correct` is the env's verdict on
-    the final answer; `info` is JSON (family, boxes or frames written, draws, rejections).
+    the final answer; `info` is JSON (family, boxes or frames written, draws, rejections,
+    and ``crop_box``: the pixels of the original the last crop showed, None without one).
     """
 
     sample_id: str
@@ -675,7 +676,7 @@ def _play(env: PixelQAEnv, sample: Sample, kind: str, options: TraceOptions,
         raise _Infeasible("episode did not end at the answer")
     if not info["correct"]:
         raise _Infeasible("env scored the gold answer wrong")
-    record.update(family=sample.family, n_visual_ops=int(info["n_visual_ops"]))
+    record.update(family=sample.family, n_visual_ops=int(info["n_visual_ops"]), crop_box=info["crop_box"])
     return Trace(sample_id=sample.sample_id, kind=kind, conversation=conversation,
                  trained=[s.trained for s in steps], correct=bool(info["correct"]), info=record)
 

@@ -7,7 +7,8 @@ decoder it learns to read a glyph that fills a fifth of its crop very slowly
 within a few hundred steps. This stage gives the tiny model that pretrained tower: the
 encoder names the target's glyph from the crops of ``image/single`` traces (played
 through the env with the run's box writer and env settings, so they are the crops the
-policy will see), through a max-pooled linear head that is dropped afterwards.
+policy will see), through a linear head on the token that holds the glyph's centre,
+which is dropped afterwards.
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ class VisionPretrainConfig:
     tasks: dict[str, dict[str, Any]] | None = None
     """Task spec of the crops (None: the first SFT stage's)."""
     target: str = "glyph"
-    """``"glyph"``: name the target glyph of zoom-read crops (`glyph_crops`); ``"dense"``: mark
+    """``"glyph"``: name the target glyph of zoom-read crops on the token that holds its centre
+    (`glyph_crops`); ``"dense"``: mark
     on every token the glyphs and coloured shapes whose centre it holds, on crops around
     the evidence of chart, count and zoom-read samples (`evidence_crops`); ``"view"``: mark
     on every token the coloured shapes whose centre it holds, on the initial views
     (`initial_views`), where the policy points."""
+    glyph_head: str = "token"
+    """Where the glyph target's head reads: ``"token"``, the token that holds the glyph's centre
+    (it leaves the loss of the class prior within 100-200 steps), or ``"pooled"``, the image's
+    tokens max-pooled (it sits there for 400 to more than 1,000 steps, by the model's
+    initialisation; the shipped warm start was pretrained so)."""
     tower: str = "encoder"
     """What is pretrained: ``"encoder"``, the image encoder the decoder reads, or ``"pointer"``,
     the pointer head's own stem (`TinyVLMConfig.pointer_stem`), whose features are added to
@@ -73,6 +80,8 @@ class VisionPretrainConfig:
             raise ValueError(f"vision pretraining target must be 'glyph', 'dense' or 'view', got {self.target!r}")
         if self.tower not in ("encoder", "pointer"):
             raise ValueError(f"vision pretraining tower must be 'encoder' or 'pointer', got {self.tower!r}")
+        if self.glyph_head not in ("token", "pooled"):
+            raise ValueError(f"vision pretraining glyph_head must be 'token' or 'pooled', got {self.glyph_head!r}")
         if self.target == "glyph" and self.tower == "pointer":
             raise ValueError("the pointer stem is pretrained on a dense target ('dense' or 'view'), not 'glyph'")
         if self.lr <= 0 or self.minutes is not None and self.minutes <= 0:
@@ -80,24 +89,27 @@ class VisionPretrainConfig:
 
 
 def glyph_crops(source: TaskSource, n: int, seed: int, options: TraceOptions,
-                workers: int = 1, progress: bool = False) -> tuple[list[np.ndarray], list[int], set[str]]:
-    """Crops of `n` zoom-read ``image/single`` traces, the index in `GLYPHS` of the target's glyph,
-    and the sample ids used. Samples without a single target glyph (colour and relative
-    questions) are skipped."""
+                workers: int = 1, progress: bool = False) -> tuple[list[np.ndarray], list[Points], list[str]]:
+    """Crops of `n` zoom-read ``image/single`` traces, the target's glyph in each (`Points`: its
+    centre in the crop and its index in `GLYPHS`), and the sample ids used. Samples without a
+    single target glyph (colour and relative questions) are skipped."""
     traces = synthesize_traces(source, n, 0, mix=TraceMix(image={"image/single": 1.0}, video_share=0.0), seed=seed,
                                options=options, workers=workers, progress=progress)
-    images, labels, ids = [], [], set()
+    images, points, ids = [], [], []
     for trace in traces:
         sample = source.get(trace.sample_id)
         targets = sample.meta.get("targets", ())
         if sample.family != "zoom-read" or len(targets) != 1 or len(trace.images) != 2:
             continue
+        left, top, right, bottom = trace.info["crop_box"]
+        gx0, gy0, gx1, gy1 = targets[0]["glyph_box"]
+        x, y = ((gx0 + gx1) / 2 - left) / (right - left), ((gy0 + gy1) / 2 - top) / (bottom - top)
         images.append(trace.images[1])
-        labels.append(GLYPHS.index(targets[0]["glyph"]))
-        ids.add(trace.sample_id)
+        points.append([(min(max(x, 0.0), 0.999), min(max(y, 0.0), 0.999), GLYPHS.index(targets[0]["glyph"]))])
+        ids.append(trace.sample_id)
     if not images:
         raise ValueError("vision pretraining found no zoom-read crop with one target glyph in its task spec")
-    return images, labels, ids
+    return images, points, ids
 
 
 def _shown_objects(sample: Any, glyphs: bool = True) -> list[tuple[tuple[float, float, float, float], int]]:
@@ -181,25 +193,29 @@ class PointerStemTower(torch.nn.Module):
                                                 self.pointer.stem_features))
 
 
-def token_targets(points: Points, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Multi-hot ``(grid_h * grid_w, len(OBJECTS))``: each token marks the objects whose centre it holds."""
-    target = torch.zeros(grid_h * grid_w, len(OBJECTS))
+def token_targets(points: Points, grid_h: int, grid_w: int, glyphs_only: bool = False) -> torch.Tensor:
+    """Multi-hot ``(grid_h * grid_w, classes)``: each token marks the objects whose centre it holds
+    (classes: `OBJECTS`, or its prefix `GLYPHS` with `glyphs_only`)."""
+    target = torch.zeros(grid_h * grid_w, len(GLYPHS) if glyphs_only else len(OBJECTS))
     for x, y, index in points:
         target[int(y * grid_h) * grid_w + int(x * grid_w), index] = 1.0
     return target
 
 
 def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Sequence[np.ndarray],
-                    labels: Sequence[int] | Sequence[Points], config: VisionPretrainConfig, seed: int = 0,
+                    points: Sequence[Points], config: VisionPretrainConfig, seed: int = 0,
                     log: Callable[[int, dict[str, float]], None] | None = None,
                     progress: bool = False, autocast: torch.dtype | None = None) -> dict[str, float]:
     """Train `vision` (the tiny model's image encoder) to name what each crop shows.
 
-    With `labels` one `GLYPHS` index per crop (`glyph_crops`), the tokens of each image are
-    max-pooled and a linear head names the glyph. With `Points` per crop (`evidence_crops`),
-    the target is dense: a linear head on every token marks which `OBJECTS` have their centre
+    With the glyph target (`glyph_crops`: one glyph per crop), a linear head on the token
+    that holds the glyph's centre names it (cross-entropy over `GLYPHS`): the gradient goes
+    to the tokens the decoder will read the glyph from. (The ``"pooled"`` `glyph_head`, a
+    head on the max-pooled tokens, sits at the loss of the class prior for 400 to more
+    than 1,000 steps before it falls; docs/results.md.) With the dense target (`evidence_crops`,
+    `initial_views`) a linear head on every token marks which `OBJECTS` have their centre
     in that token (a multi-label loss), so that a token says which glyph of a value, or
-    which coloured shapes of a count, it holds; accuracy is then the share of marked tokens
+    which coloured shapes of a count, it holds. Accuracy is the share of marked tokens
     whose top class is one they hold. The head is dropped at the end. `log` gets ``(step, {"pretrain/loss", "pretrain/held_out_accuracy"})``
     every 50 steps and at the end. Returns the last record plus ``pretrain/minutes``.
     `autocast` runs the forward passes in that dtype (mixed precision, e.g. ``torch.bfloat16``).
@@ -208,10 +224,10 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     """
     rank, world = distributed.rank_and_world()
     held = config.held_out
-    dense = bool(labels) and not isinstance(labels[0], (int, np.integer))
+    glyph = config.target == "glyph"
     width = vision.hidden_size
     device = next(vision.parameters()).device
-    head = torch.nn.Linear(width, len(OBJECTS) if dense else len(GLYPHS), device=device)
+    head = torch.nn.Linear(width, len(GLYPHS) if glyph else len(OBJECTS), device=device)
     distributed.broadcast_parameters(head)
     trained = torch.nn.ModuleList([vision, head])
     params = list(trained.parameters())
@@ -226,16 +242,19 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             tokens = vision(encoded["pixel_values"], encoded["image_grid_thw"]).float()
         grids = encoded["image_grid_thw"].tolist()
-        if dense:
-            logits = head(tokens)
-            target = torch.cat([token_targets(labels[i], h, w) for i, (_, h, w) in zip(indices, grids)]).to(device)
-            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(tokens)
-            marked = target.any(-1)
-            right = target[marked].gather(-1, logits[marked].argmax(-1, keepdim=True))
-            return loss, int(right.sum()), int(marked.sum())
-        logits = head(torch.stack([t.amax(0) for t in tokens.split([t * h * w for t, h, w in grids])]))
-        truth = torch.tensor([labels[i] for i in indices], device=device)
-        return F.cross_entropy(logits, truth), int((logits.argmax(-1) == truth).sum()), len(indices)
+        target = torch.cat([token_targets(points[i], h, w, glyph) for i, (_, h, w) in zip(indices, grids)]).to(device)
+        marked = target.any(-1)
+        if glyph:
+            if config.glyph_head == "pooled":
+                logits = head(torch.stack([t.amax(0) for t in tokens.split([t * h * w for t, h, w in grids])]))
+            else:
+                logits = head(tokens[marked])
+            truth = target[marked].argmax(-1)
+            return F.cross_entropy(logits, truth), int((logits.argmax(-1) == truth).sum()), len(truth)
+        logits = head(tokens)
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(tokens)
+        right = target[marked].gather(-1, logits[marked].argmax(-1, keepdim=True))
+        return loss, int(right.sum()), int(marked.sum())
 
     def held_out_accuracy() -> float:
         if not held:

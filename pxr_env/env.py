@@ -95,7 +95,9 @@ class PixelQAEnv(gym.Env):
     survive a turn limit imposed by a wrapper), ``crop_iou`` (IoU of the last requested crop box
     with the evidence box, None without a crop or evidence), ``crop_hit`` (the last crop
     contains the whole evidence box), ``crop_area`` (share of the original image the last
-    requested crop box covers, None without a crop), ``frames_hit`` (a selected frame is an evidence frame).
+    requested crop box covers, None without a crop), ``crop_box`` (the pixels of the original the
+    last crop shows, padding included, as ``[left, top, right, bottom]``; None without a crop),
+    ``frames_hit`` (a selected frame is an evidence frame).
 
     **Vector envs.** Both modes run in `gymnasium.vector.SyncVectorEnv` and
     `AsyncVectorEnv`; text mode needs ``AsyncVectorEnv(..., shared_memory=False)``, since
@@ -364,11 +366,12 @@ class PixelQAEnv(gym.Env):
         wrapper still leaves them in the last info)."""
         episode = self._episode
         sample = episode.sample
-        crop_iou = crop_hit = frames_hit = crop_area = None
+        crop_iou = crop_hit = frames_hit = crop_area = crop_box = None
         if episode.requested_boxes:
             rx1, ry1, rx2, ry2 = episode.requested_boxes[-1]
             _, _, width, height = episode.boxes_in_original[0]
             crop_area = (rx2 - rx1) * (ry2 - ry1) / (width * height)
+            crop_box = list(episode.boxes_in_original[-1])
         if sample.evidence_box is not None and episode.requested_boxes:
             crop_iou = ops.box_iou(episode.requested_boxes[-1], sample.evidence_box)
             cx1, cy1, cx2, cy2 = episode.boxes_in_original[-1]
@@ -381,7 +384,8 @@ class PixelQAEnv(gym.Env):
             "n_visual_ops": episode.n_visual_ops, "n_op_errors": episode.n_op_errors,
             "n_tool_calls": episode.n_tool_calls, "n_turn_errors": episode.n_turn_errors,
             "used_pixel_reasoning": episode.n_visual_ops > 0,
-            "crop_iou": crop_iou, "crop_hit": crop_hit, "crop_area": crop_area, "frames_hit": frames_hit,
+            "crop_iou": crop_iou, "crop_hit": crop_hit, "crop_area": crop_area, "crop_box": crop_box,
+            "frames_hit": frames_hit,
         }
 
     # ----------------------------------------------------------- observations

@@ -63,6 +63,9 @@ def test_crop_then_answer_scores_and_reports(env):
     assert info["n_visual_ops"] == 1 and info["n_op_errors"] == 0 and info["used_pixel_reasoning"]
     assert info["crop_iou"] == pytest.approx(1.0, abs=0.05)
     assert info["crop_hit"] is True and info["crop_area"] == pytest.approx(40 * 40 / (800 * 600))
+    left, top, right, bottom = info["crop_box"]  # what the crop showed: the request, padded
+    assert 0 <= left <= 500 and 0 <= top <= 100 and 540 <= right <= 800 and 140 <= bottom <= 600
+    assert (right - left) * (bottom - top) < 800 * 600 / 4
     picture = env.render()
     assert picture.ndim == 3 and picture.shape[2] == 3
 

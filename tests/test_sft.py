@@ -237,21 +237,29 @@ def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:
 
     source = ZoomRead(questions=("read",), shortcut_share=0.0, hard_share=0.0, distractors=(0, 2))
     options = TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat(), env_kwargs={"crop_padding": 0.03})
-    images, labels, ids = glyph_crops(source, 10, seed=1, options=options)
-    assert len(images) == len(labels) == len(ids) == 10
-    sample = source.get(sorted(ids)[0])
-    assert sample.meta["targets"][0]["glyph"] in GLYPHS and all(im.shape[2] == 3 for im in images)
+    images, points, ids = glyph_crops(source, 10, seed=1, options=options)
+    assert len(images) == len(points) == len(ids) == 10 and all(im.shape[2] == 3 for im in images)
+    for (point,), sample_id in zip(points, ids):  # the target's glyph, inside the crop the trace showed
+        assert GLYPHS[point[2]] == source.get(sample_id).meta["targets"][0]["glyph"]
+        assert 0.05 < point[0] < 0.95 and 0.05 < point[1] < 0.95
     processor = build_tiny_processor()
     model = build_tiny_model(processor, seed=0, **SMALL, image_summary=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     records = []
-    result = pretrain_vision(model.model.vision, processor.image_processor, images, labels,
+    result = pretrain_vision(model.model.vision, processor.image_processor, images, points,
                              VisionPretrainConfig(samples=10, steps=60, batch_size=4, lr=1e-2, held_out=2),
                              log=lambda step, r: records.append((step, r)))
     assert [s for s, _ in records] == [50, 60] and result["pretrain/steps"] == 60
     assert records[1][1]["pretrain/loss"] < 0.5 * records[0][1]["pretrain/loss"]  # it fits its 8 crops
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert moved and all(k.startswith("model.vision.") for k in moved)
+    pooled = []  # the head on the max-pooled tokens fits them too
+    pretrain_vision(build_tiny_model(processor, seed=0, **SMALL).model.vision, processor.image_processor, images,
+                    points, VisionPretrainConfig(glyph_head="pooled", samples=10, steps=60, batch_size=4, lr=1e-2,
+                                                 held_out=2), log=lambda step, r: pooled.append(r["pretrain/loss"]))
+    assert pooled[1] < 0.5 * pooled[0]
+    with pytest.raises(ValueError, match="glyph_head"):
+        VisionPretrainConfig(glyph_head="mean")
     with pytest.raises(ValueError, match="no zoom-read crop"):
         glyph_crops(ZoomRead(questions=("relative",), shortcut_share=0.0, hard_share=0.0), 2, 0, options)
 
@@ -290,7 +298,7 @@ def test_evidence_crops_mark_the_objects_they_show_and_dense_pretraining_learns_
     before = {k: v.clone() for k, v in model.state_dict().items()}
     records = []
     pretrain_vision(model.model.vision, processor.image_processor, images, points,
-                    VisionPretrainConfig(samples=12, steps=60, batch_size=4, lr=1e-2, held_out=2),
+                    VisionPretrainConfig(target="dense", samples=12, steps=60, batch_size=4, lr=1e-2, held_out=2),
                     log=lambda step, r: records.append(r))
     assert records[1]["pretrain/loss"] < 0.5 * records[0]["pretrain/loss"]
     assert 0.0 <= records[1]["pretrain/held_out_accuracy"] <= 1.0
