@@ -455,10 +455,12 @@ def eval_sample_ids(tasks: TaskSpec, n_per_family: int, first_seed: int, exclude
 
 @torch.no_grad()
 def oracle_op_scores(model: Any, processor: Any, traces: Sequence[Trace], source: TaskSource,
-                     batch_size: int = 16, max_new_tokens: int = 32) -> list[float]:
+                     batch_size: int = 16, max_new_tokens: int = 32, reading: bool = False) -> list[float]:
     """Reading apart from pointing: each trace is given up to its final turn (the oracle's
     operations and what they returned), the final turn is generated greedily and scored
-    against the sample's answers. One score per trace, in order."""
+    against the sample's answers. One score per trace, in order. With `reading`, each is
+    given as a reading stage's item instead (`Trace.reading`: the question with the last
+    observation alone), the form a model fresh from a reading stage knows."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -467,7 +469,8 @@ def oracle_op_scores(model: Any, processor: Any, traces: Sequence[Trace], source
     try:
         for start in range(0, len(traces), batch_size):
             chunk = traces[start:start + batch_size]
-            items = [encode_segments(processor, t.segments()[:-1], t.images) for t in chunk]
+            views = [t.reading() if reading else (t.segments(), t.images) for t in chunk]
+            items = [encode_segments(processor, segments[:-1], images) for segments, images in views]
             inputs = model_inputs(pad_items(processor, items, "left"), device)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
                                  pad_token_id=processor.tokenizer.pad_token_id)
@@ -483,7 +486,8 @@ def oracle_op_scores(model: Any, processor: Any, traces: Sequence[Trace], source
 
 def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpec, sample_ids: Sequence[str],
              batch_size: int = 16, max_new_tokens: int = 96, progress: bool = False,
-             env_kwargs: Mapping[str, Any] | None = None, oracle_ops: bool = True) -> dict[str, float]:
+             env_kwargs: Mapping[str, Any] | None = None, oracle_ops: bool = True,
+             oracle_reading: bool = False) -> dict[str, float]:
     """Closed-loop greedy evaluation: the model plays `sample_ids` in the env; metrics per family and overall.
 
     Keys: ``accuracy``, ``rapr``, ``mean_ops``, ``op_error_rate``, ``crop_iou``, ``crop_hit``,
@@ -493,7 +497,8 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
     ``acc_oracle_ops``: the accuracy of answers given after the oracle's single operation
     and its output (an ``image/single`` or ``video/single`` trace with the model's box
     writing, `oracle_op_scores`) on the same samples where one can be played: reading apart
-    from pointing, on every sample rather than on the model's hits only. For a tiny model
+    from pointing, on every sample rather than on the model's hits only; with `oracle_reading`
+    also ``acc_oracle_reading``, the same answers asked in a reading stage's item form. For a tiny model
     (box tokens) also ``box_hit_mass``: the probability that its first box, sampled at
     temperature 1 after the oracle's text, holds the evidence, and ``box_top_mass``, that of
     its most probable token (`agents.box_mass`): how far sampled pointing falls below greedy.
@@ -533,6 +538,9 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
         traces = play_traces(source, sample_ids, options=options)
         scores = oracle_op_scores(model, processor, traces, source, batch_size)
         out.update(_family_means("acc_oracle_ops", traces, scores))
+        if oracle_reading:
+            scores = oracle_op_scores(model, processor, traces, source, batch_size, reading=True)
+            out.update(_family_means("acc_oracle_reading", traces, scores))
         if boxes is not None:
             padding = dict(env_kwargs or {}).get("crop_padding", ops.CROP_PADDING)
             images = [t for t in traces if t.kind == "image/single"]
@@ -899,6 +907,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(in the env of its saved env settings; the env_kwargs of --config apply over them)")
     parser.add_argument("--eval-tasks", help="JSON task spec of --evaluate, e.g. '{\"zoom-read\": {}}'")
     parser.add_argument("--eval-samples", type=int, default=100, help="held-out samples per family of --evaluate")
+    parser.add_argument("--oracle-reading", action="store_true",
+                        help="--evaluate also reports acc_oracle_reading (the oracle's crop as a reading-stage item)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -912,7 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       **(json.loads(Path(args.config).read_text()).get("env_kwargs", {}) if args.config else {})}
         metrics = evaluate(policy.model, AutoProcessor.from_pretrained(args.evaluate),
                            ChatFormat(policy.system, policy.question_first), tasks, ids,
-                           progress=not args.no_progress, env_kwargs=env_kwargs) | answer_only_bound(tasks, ids)
+                           progress=not args.no_progress, env_kwargs=env_kwargs,
+                           oracle_reading=args.oracle_reading) | answer_only_bound(tasks, ids)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "eval.json").write_text(json.dumps({"model": args.evaluate, "tasks": tasks,
                                                               "samples": args.eval_samples, **metrics}, indent=2))

@@ -197,17 +197,17 @@ def test_evaluate_command_uses_the_saved_env_settings_and_the_config_env_kwargs(
     (tmp_path / "config.json").write_text(json.dumps({"env_kwargs": {"crop_padding": 0.03}}))
     seen = {}
 
-    def fake_evaluate(*args, env_kwargs=None, **kwargs):
-        seen["env_kwargs"] = env_kwargs
+    def fake_evaluate(*args, env_kwargs=None, oracle_reading=False, **kwargs):
+        seen["env_kwargs"], seen["oracle_reading"] = env_kwargs, oracle_reading
         return {"accuracy": 0.0}
 
     monkeypatch.setattr(sft, "evaluate", fake_evaluate)
     assert sft.main(["--out", str(tmp_path / "eval"), "--evaluate", str(tmp_path / "model"), "--config",
                      str(tmp_path / "config.json"), "--eval-samples", "2", "--no-progress"]) == 0
-    assert seen["env_kwargs"] == {"crop_padding": 0.03, "min_crop_side": 20}
+    assert seen["env_kwargs"] == {"crop_padding": 0.03, "min_crop_side": 20} and not seen["oracle_reading"]
     assert sft.main(["--out", str(tmp_path / "eval"), "--evaluate", str(tmp_path / "model"), "--eval-samples", "2",
-                     "--no-progress"]) == 0
-    assert seen["env_kwargs"] == {"crop_padding": 0.05, "min_crop_side": 20}
+                     "--no-progress", "--oracle-reading"]) == 0
+    assert seen["env_kwargs"] == {"crop_padding": 0.05, "min_crop_side": 20} and seen["oracle_reading"]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"] == 0.0
 
 
@@ -495,6 +495,7 @@ class _Answers(torch.nn.Module):
         self.model, self.config, self.processor, self.turns = model, model.config, processor, list(turns)
 
     def generate(self, input_ids, **kwargs):
+        self.images = getattr(self, "images", 0) + len(kwargs["image_grid_thw"])
         rows = [self.processor.tokenizer.encode(self.turns.pop(0), add_special_tokens=False) for _ in input_ids]
         width = max(map(len, rows))
         pad = self.processor.tokenizer.pad_token_id
@@ -512,6 +513,10 @@ def test_oracle_op_scores_score_each_rows_generated_final_turn() -> None:
     assert oracle_op_scores(_Answers(model, processor, finals), processor, traces, source, batch_size=2) == [1.0] * 5
     wrong = ["The answer is \\boxed{%%}.<|im_end|>", "no answer<|im_end|>"] + finals[2:]
     assert oracle_op_scores(_Answers(model, processor, wrong), processor, traces, source, batch_size=3) == [0, 0, 1, 1, 1]
+    whole, reading = _Answers(model, processor, finals), _Answers(model, processor, finals)
+    assert oracle_op_scores(whole, processor, traces, source, batch_size=2) == [1.0] * 5
+    assert oracle_op_scores(reading, processor, traces, source, batch_size=2, reading=True) == [1.0] * 5
+    assert (whole.images, reading.images) == (10, 5)  # the reading item shows the crop alone
     with pytest.raises(ValueError, match="image_kind must be one of"):
         play_traces(source, ids, image_kind="image/none")
 
