@@ -647,8 +647,8 @@ def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[flo
 
     Each one's curve (loss and held-out accuracy every 50 of its steps) goes to a run folder
     of its own, ``out/pretrain`` (then ``out/pretrain2``, ...): its steps are not the SFT's.
-    The glyph target sits at the loss of the class prior for several hundred steps before it
-    falls, for a number of steps that follows the model's initialisation (docs/results.md).
+    With the ``"pooled"`` glyph head the loss first sits at that of the class prior for several
+    hundred steps, as many as the model's initialisation makes it (docs/results.md).
     """
     bounds = ops.PixelBounds.resolve(config.env_kwargs.get("pixel_bounds", "tiny"))
     minutes, ids, records = 0.0, set(), {}
