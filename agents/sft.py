@@ -31,7 +31,8 @@ Run::
     torchrun --standalone --nproc-per-node 2 -m agents.sft --preset warmstart --out runs/warmstart \
         --export checkpoints/tiny-warmstart
 
-(``python -m agents.sft ...`` runs the same in one process, at about half the steps per minute.)
+(``python -m agents.sft ...`` runs the same in one process, at about half the steps per minute;
+``--preset warmstart-float32`` is the schedule for a CPU without native bfloat16.)
 """
 
 from __future__ import annotations
@@ -877,11 +878,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         autocast="auto",
     ),
 }
+PRESETS["warmstart-float32"] = dict(
+    PRESETS["warmstart"],
+    vision_pretrain=replace(PRESETS["warmstart"]["vision_pretrain"], minutes=4.0, glyph_head="both"),
+    stages=[replace(stage, minutes=minutes, batch_size=16 if stage.pointing else stage.batch_size)
+            for stage, minutes in zip(PRESETS["warmstart"]["stages"], (5.5, 7.0, 1.5, 1.0, None))],
+)
 """Named configurations (`--preset`). ``warmstart`` is the documented warm start: 20 minutes on
 two processes (``torchrun --standalone --nproc-per-node 2 -m agents.sft``), bfloat16 autocast
 where the CPU computes it natively;
 vision pretraining, a reading stage, six minutes of pointing in the default clutter, then
-whole traces from uncluttered to the default suite (docs/results.md)."""
+whole traces from uncluttered to the default suite (docs/results.md). ``warmstart-float32``
+is its schedule for a CPU without native bfloat16, where a float32 step costs about twice as
+much: the minutes moved toward reading and pointing, pointing batches of 16, and the glyph
+pretraining's token and pooled heads together (docs/results.md, "On a CPU without native
+bfloat16")."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

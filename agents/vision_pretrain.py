@@ -54,7 +54,10 @@ class VisionPretrainConfig:
     """Where the glyph target's head reads: ``"token"``, the token that holds the glyph's centre
     (it leaves the loss of the class prior within 100-200 steps), or ``"pooled"``, the image's
     tokens max-pooled (it sits there for 400 to more than 1,000 steps, by the model's
-    initialisation; the shipped warm start was pretrained so)."""
+    initialisation; the shipped warm start was pretrained so), or ``"both"``: the token head's
+    loss plus that of a second linear head on the max-pooled tokens (the token head gets out of
+    the plateau, the pooled one asks for the glyph in the image's strongest features, which the
+    image-summary branch adds to every token; the logged loss is the sum of the two)."""
     tower: str = "encoder"
     """What is pretrained: ``"encoder"``, the image encoder the decoder reads, or ``"pointer"``,
     the pointer head's own stem (`TinyVLMConfig.pointer_stem`), whose features are added to
@@ -80,8 +83,8 @@ class VisionPretrainConfig:
             raise ValueError(f"vision pretraining target must be 'glyph', 'dense' or 'view', got {self.target!r}")
         if self.tower not in ("encoder", "pointer"):
             raise ValueError(f"vision pretraining tower must be 'encoder' or 'pointer', got {self.tower!r}")
-        if self.glyph_head not in ("token", "pooled"):
-            raise ValueError(f"vision pretraining glyph_head must be 'token' or 'pooled', got {self.glyph_head!r}")
+        if self.glyph_head not in ("token", "pooled", "both"):
+            raise ValueError(f"vision pretraining glyph_head must be 'token', 'pooled' or 'both', got {self.glyph_head!r}")
         if self.target == "glyph" and self.tower == "pointer":
             raise ValueError("the pointer stem is pretrained on a dense target ('dense' or 'view'), not 'glyph'")
         if self.lr <= 0 or self.minutes is not None and self.minutes <= 0:
@@ -212,7 +215,8 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     that holds the glyph's centre names it (cross-entropy over `GLYPHS`): the gradient goes
     to the tokens the decoder will read the glyph from. (The ``"pooled"`` `glyph_head`, a
     head on the max-pooled tokens, sits at the loss of the class prior for 400 to more
-    than 1,000 steps before it falls; docs/results.md.) With the dense target (`evidence_crops`,
+    than 1,000 steps before it falls; ``"both"`` adds its loss to the token head's, and the
+    decoder then learns to read the encoder far sooner; docs/results.md.) With the dense target (`evidence_crops`,
     `initial_views`) a linear head on every token marks which `OBJECTS` have their centre
     in that token (a multi-label loss), so that a token says which glyph of a value, or
     which coloured shapes of a count, it holds. Accuracy is the share of marked tokens
@@ -228,8 +232,9 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     width = vision.hidden_size
     device = next(vision.parameters()).device
     head = torch.nn.Linear(width, len(GLYPHS) if glyph else len(OBJECTS), device=device)
-    distributed.broadcast_parameters(head)
-    trained = torch.nn.ModuleList([vision, head])
+    pooled_head = torch.nn.Linear(width, len(GLYPHS), device=device) if glyph and config.glyph_head == "both" else None
+    trained = torch.nn.ModuleList([vision, head, *([pooled_head] if pooled_head is not None else [])])
+    distributed.broadcast_parameters(trained[1:])
     params = list(trained.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 7])
@@ -245,12 +250,13 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
         target = torch.cat([token_targets(points[i], h, w, glyph) for i, (_, h, w) in zip(indices, grids)]).to(device)
         marked = target.any(-1)
         if glyph:
-            if config.glyph_head == "pooled":
-                logits = head(torch.stack([t.amax(0) for t in tokens.split([t * h * w for t, h, w in grids])]))
-            else:
-                logits = head(tokens[marked])
+            pooled = torch.stack([t.amax(0) for t in tokens.split([t * h * w for t, h, w in grids])])
+            logits = head(pooled if config.glyph_head == "pooled" else tokens[marked])
             truth = target[marked].argmax(-1)
-            return F.cross_entropy(logits, truth), int((logits.argmax(-1) == truth).sum()), len(truth)
+            loss = F.cross_entropy(logits, truth)
+            if pooled_head is not None:
+                loss = loss + F.cross_entropy(pooled_head(pooled), truth)
+            return loss, int((logits.argmax(-1) == truth).sum()), len(truth)
         logits = head(tokens)
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(tokens)
         right = target[marked].gather(-1, logits[marked].argmax(-1, keepdim=True))

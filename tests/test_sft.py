@@ -253,11 +253,13 @@ def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:
     assert records[1][1]["pretrain/loss"] < 0.5 * records[0][1]["pretrain/loss"]  # it fits its 8 crops
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert moved and all(k.startswith("model.vision.") for k in moved)
-    pooled = []  # the head on the max-pooled tokens fits them too
-    pretrain_vision(build_tiny_model(processor, seed=0, **SMALL).model.vision, processor.image_processor, images,
-                    points, VisionPretrainConfig(glyph_head="pooled", samples=10, steps=60, batch_size=4, lr=1e-2,
-                                                 held_out=2), log=lambda step, r: pooled.append(r["pretrain/loss"]))
-    assert pooled[1] < 0.5 * pooled[0]
+    for glyph_head in ("pooled", "both"):  # the head on the max-pooled tokens, alone or beside the token's, fits them too
+        losses = []
+        pretrain_vision(build_tiny_model(processor, seed=0, **SMALL, image_summary=True).model.vision,
+                        processor.image_processor, images, points,
+                        VisionPretrainConfig(glyph_head=glyph_head, samples=10, steps=60, batch_size=4, lr=1e-2,
+                                             held_out=2), log=lambda step, r: losses.append(r["pretrain/loss"]))
+        assert losses[1] < 0.5 * losses[0], glyph_head
     with pytest.raises(ValueError, match="glyph_head"):
         VisionPretrainConfig(glyph_head="mean")
     with pytest.raises(ValueError, match="no zoom-read crop"):
