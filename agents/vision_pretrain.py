@@ -250,7 +250,8 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
         target = torch.cat([token_targets(points[i], h, w, glyph) for i, (_, h, w) in zip(indices, grids)]).to(device)
         marked = target.any(-1)
         if glyph:
-            pooled = torch.stack([t.amax(0) for t in tokens.split([t * h * w for t, h, w in grids])])
+            pooled = (torch.stack([t.amax(0) for t in tokens.split([t * h * w for t, h, w in grids])])
+                      if config.glyph_head != "token" else None)
             logits = head(pooled if config.glyph_head == "pooled" else tokens[marked])
             truth = target[marked].argmax(-1)
             loss = F.cross_entropy(logits, truth)
