@@ -49,8 +49,8 @@ from agents.logger import MetricLogger
 from agents.metrics import summarize
 from agents.rollout import Trajectory, collect
 from agents.schedules import cosine_schedule
-from agents.vlm.hf import (TransformersPolicy, load_model, pad_items, placeholder_token_ids, token_logprobs,
-                           trajectory_item)
+from agents.vlm.hf import (TransformersPolicy, freeze_parameters, load_model, pad_items, placeholder_token_ids,
+                           token_logprobs, trajectory_item)
 from pxr_env.tasks import make_task_source
 from wrappers.curiosity import group_shaped_rewards
 
@@ -133,6 +133,9 @@ class GRPOConfig:
     fsdp: bool = False
     """With several processes, shard the trained weights, gradients and optimizer state over them (FSDP2)."""
     progress: bool = True
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name prefixes held fixed, e.g. ``["model"]``: a tiny model then trains its pointer
+    head alone (which box to crop), its reading and answering left as the warm start made them."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -153,6 +156,8 @@ class GRPOConfig:
             raise ValueError("need lr > 0, 0 <= warmup_ratio < 1 and 0 <= min_lr_ratio <= 1")
         if self.replay_batch < 0 or self.replay_capacity < 1:
             raise ValueError("need replay_batch >= 0 (0: off) and replay_capacity >= 1")
+        if isinstance(self.freeze, str) or not all(isinstance(prefix, str) for prefix in self.freeze):
+            raise ValueError(f"freeze must be a list of parameter-name prefixes, e.g. ['model'], got {self.freeze!r}")
 
 
 def shape_rewards(trajectories: Sequence[Trajectory], config: GRPOConfig) -> dict[str, np.ndarray]:
@@ -229,11 +234,13 @@ class GRPOTrainer:
         if config.kl_coef > 0:
             self.reference = load_model(config.model, dtype=config.dtype, device=config.device).eval()
             self.reference.requires_grad_(False)
+        freeze_parameters(self.model, config.freeze)
         self.trained = self._trained_module()
         distributed.broadcast_parameters(self.trained)
         if config.fsdp and self.world > 1:
             distributed.shard(self.trained, self.model)
-        self.optimizer = torch.optim.AdamW(self.trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.trained.parameters() if p.requires_grad], lr=config.lr,
+                                           weight_decay=config.weight_decay)
         total_updates = config.steps * config.updates_per_step
         self.scheduler = cosine_schedule(self.optimizer, round(config.warmup_ratio * total_updates), total_updates,
                                          config.min_lr_ratio)
@@ -487,7 +494,7 @@ def _parse_args(argv: Sequence[str] | None = None, config_class: type[GRPOConfig
         default = f.default if f.default is not field else None
         if f.type in ("bool", bool):
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
-        elif f.name in ("tasks", "env_kwargs"):
+        elif f.name in ("tasks", "env_kwargs", "freeze"):
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=_json_or_text, default=None)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)

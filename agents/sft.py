@@ -65,7 +65,7 @@ from agents.vision_pretrain import (PointerStemTower, VisionPretrainConfig, evid
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
-from agents.vlm.hf import TransformersPolicy, load_model, model_inputs, pad_items
+from agents.vlm.hf import TransformersPolicy, freeze_parameters, load_model, matching_parameters, model_inputs, pad_items
 from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
 from pxr_env import ops
 from pxr_env.actions import extract_answer
@@ -113,6 +113,10 @@ def task_source(spec: TaskSpec) -> TaskSource:
         weights.append(float(knobs.pop("weight", 1.0)))
         sources.append(FAMILIES[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}))
     return sources[0] if len(sources) == 1 else MixtureSource(sources, weights)
+
+
+BOX_VOCAB_KEYS = frozenset({"pointer_grid", "box_sizes"})
+"""Tiny-model config keys that set the box vocabulary, and so the processor's box tokens."""
 
 
 @dataclass
@@ -173,7 +177,9 @@ class SFTConfig:
     init_from: str | None = None
     """A saved model folder to start from; None builds a fresh tiny model."""
     model: dict[str, Any] = field(default_factory=dict)
-    """`TinyVLMConfig` overrides of a fresh tiny model (``hidden_size``, ``vision_num_layers``, ...)."""
+    """`TinyVLMConfig` overrides of a fresh tiny model (``hidden_size``, ``vision_num_layers``, ...);
+    with `init_from`, config values replaced in the saved model before its weights load, e.g.
+    ``{"pointer_match": true}`` to add that branch (its new weights initialised as in a fresh model)."""
     system: str | None = TINY_SYSTEM
     """System prompt of the chat format (None: the standard tool prompt)."""
     question_first: bool = True
@@ -286,8 +292,9 @@ class SFTConfig:
             raise ValueError(f"pointer_smoothing must be in [0, 1), got {self.pointer_smoothing}")
         if self.lr <= 0 or self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError("lr must be > 0 and max_minutes > 0 when set")
-        if self.init_from is not None and self.model:
-            raise ValueError("model overrides apply to a fresh model only; drop them or init_from")
+        if self.init_from is not None and BOX_VOCAB_KEYS & set(self.model):
+            raise ValueError(f"a saved model keeps its box vocabulary (its processor's tokens); drop "
+                             f"{sorted(BOX_VOCAB_KEYS & set(self.model))} from the model overrides of init_from")
         if self.autocast not in (None, "auto", "bfloat16", "float16"):
             raise ValueError(f"autocast must be None, 'auto', 'bfloat16' or 'float16', got {self.autocast!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -585,7 +592,7 @@ def _build(config: SFTConfig) -> tuple[Any, Any]:
     if config.init_from is not None:
         from transformers import AutoProcessor
 
-        return (load_model(config.init_from, dtype=config.dtype, device=config.device),
+        return (load_model(config.init_from, dtype=config.dtype, device=config.device, config_overrides=config.model),
                 AutoProcessor.from_pretrained(config.init_from))
     boxes = box_vocab(TinyVLMConfig(**config.model))
     processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
@@ -623,23 +630,6 @@ def _stage_at(config: SFTConfig, step: int, minutes: float, starts: list[int]) -
         starts.append(step)
         index += 1
     return index
-
-
-def _matching(model: Any, prefixes: Sequence[str]) -> set[str]:
-    """Names of the parameters that start with one of `prefixes`; each prefix must match one."""
-    names = [name for name, _ in model.named_parameters()]
-    unknown = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
-    if unknown:
-        raise ValueError(f"freeze prefixes {unknown} match no parameter of the model")
-    return {name for name in names if any(name.startswith(prefix) for prefix in prefixes)}
-
-
-def _freeze(model: Any, prefixes: Sequence[str]) -> None:
-    """Keep the parameters whose names start with one of `prefixes` fixed; each prefix must match."""
-    frozen = _matching(model, prefixes)
-    for name, param in model.named_parameters():
-        if name in frozen:
-            param.requires_grad_(False)
 
 
 def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[float, list[str], dict[str, float]]:
@@ -710,10 +700,10 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     pretrain_minutes, pretrain_ids, pretrain_record = 0.0, [], None
     if config.vision_pretrain and latest is None:
         pretrain_minutes, pretrain_ids, pretrain_record = _pretrain_vision(config, model, processor)
-    _freeze(model, ["model.vision."] * config.freeze_vision + list(config.freeze))
+    freeze_parameters(model, ["model.vision."] * config.freeze_vision + list(config.freeze))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = list(trainable.values())
-    stage_frozen = [_matching(model, stage.freeze) for stage in config.stages]
+    stage_frozen = [matching_parameters(model, stage.freeze) for stage in config.stages]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = round(config.warmup_ratio * config.max_steps)
     step, minutes, starts = 0, pretrain_minutes, [0]

@@ -47,6 +47,8 @@ def test_config_rejects_bad_settings():
         GRPOConfig(variant="mine")
     with pytest.raises(ValueError, match="temperature"):
         GRPOConfig(temperature=0)
+    with pytest.raises(ValueError, match="list of parameter-name prefixes"):
+        GRPOConfig(freeze="model")
 
 
 def _config(model: Path, out: Path, **overrides) -> GRPOConfig:
@@ -73,6 +75,20 @@ def test_update_moves_parameters(tiny_checkpoint, tmp_path):
     assert np.isfinite(stats["loss/policy"]) and stats["loss/grad_norm"] > 0
     moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert moved > 0
+
+
+def test_frozen_prefixes_stay_fixed_and_the_rest_trains(tiny_checkpoint, tmp_path):
+    """``freeze: ["model"]`` trains the tiny model's pointer head alone; an unknown prefix is refused."""
+    from agents.vlm.hf import trajectory_item
+
+    trainer = GRPOTrainer(_config(tiny_checkpoint, tmp_path, freeze=["model"]))
+    items = [trajectory_item(trainer.processor, t) for t in trainer.rollouts(step=0)]
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.update(items, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    moved = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and all(name.startswith("pointer.") for name in moved)
+    with pytest.raises(ValueError, match="match no parameter"):
+        GRPOTrainer(_config(tiny_checkpoint, tmp_path / "bad", freeze=["decoder"]))
 
 
 def test_training_logs_checkpoints_and_resumes_exactly(tiny_checkpoint, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from agents.logger import read_metrics
 from agents.sft import (
-    PRESETS, SFTConfig, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, lr_position, native_bfloat16, neighbour_boxes,
+    PRESETS, SFTConfig, _build, SFTStage, ZOOM_EASY, batch_indices, eval_sample_ids, lr_position, native_bfloat16, neighbour_boxes,
     oracle_op_scores,
     sft_loss_sum,
     snap_to_box_tokens, stage_items, task_source, train_sft,
@@ -477,6 +477,20 @@ def test_a_config_with_init_from_drops_the_presets_fresh_model_overrides(tmp_pat
     assert sft.main(["--out", str(tmp_path / "run"), "--config", str(path)]) == 0
     assert seen["config"].init_from == str(tmp_path / "model") and seen["config"].model == {}
     assert seen["config"].vision_pretrain == []
+
+
+def test_init_from_with_model_overrides_adds_a_branch_to_the_saved_model(tmp_path: Path) -> None:
+    """``model`` with `init_from` replaces saved config values before the weights load: the
+    pointer's question-match branch joins a trained model, its question map starting at zero."""
+    train_sft(config(tmp_path / "base", max_steps=1, checkpoint_every=0))
+    saved = load_file(str(tmp_path / "base" / "final" / "model.safetensors"))
+    model, _ = _build(config(tmp_path / "match", init_from=str(tmp_path / "base" / "final"),
+                             model={"pointer_match": True}))
+    assert model.config.pointer_match and not torch.any(model.pointer.match_question.weight)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())  # the trained weights are kept
+    with pytest.raises(ValueError, match="keeps its box vocabulary"):
+        config(tmp_path / "bad", init_from=str(tmp_path / "base" / "final"), model={"pointer_grid": 14})
 
 
 def test_the_seed_flag_overrides_the_presets_seed(tmp_path: Path, monkeypatch) -> None:

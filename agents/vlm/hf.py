@@ -304,8 +304,12 @@ class ChatPolicy(ABC):
 
 
 def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str = "cpu",
-               trust_remote_code: bool = False) -> Any:
+               trust_remote_code: bool = False, config_overrides: Mapping[str, Any] | None = None) -> Any:
     """``AutoModelForImageTextToText`` from a folder or hub id, its weights in `dtype`, on `device`.
+
+    `config_overrides` replace values of the saved config before the weights load, e.g.
+    ``{"pointer_match": True}`` adds that branch to a saved tiny model (its new weights are
+    initialised as in a fresh model; transformers lists them as missing).
 
     The tiny model of `agents.vlm.tiny` is registered first. Hub kernels stay off: transformers
     turns them on by default when the ``kernels`` package is installed and then downloads
@@ -319,8 +323,26 @@ def load_model(name_or_path: str | Path, *, dtype: str = "float32", device: str 
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
-                                                        trust_remote_code=trust_remote_code, use_kernels=False)
+                                                        trust_remote_code=trust_remote_code, use_kernels=False,
+                                                        **dict(config_overrides or {}))
     return model.to(device)
+
+
+def matching_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> set[str]:
+    """Names of the parameters that start with one of `prefixes`; each prefix must match one."""
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
+    if unknown:
+        raise ValueError(f"freeze prefixes {unknown} match no parameter of the model")
+    return {name for name in names if any(name.startswith(prefix) for prefix in prefixes)}
+
+
+def freeze_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> None:
+    """Keep the parameters whose names start with one of `prefixes` fixed; each prefix must match."""
+    frozen = matching_parameters(model, prefixes)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
 
 
 class TransformersPolicy(ChatPolicy):
