@@ -233,7 +233,7 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     device = next(vision.parameters()).device
     head = torch.nn.Linear(width, len(GLYPHS) if glyph else len(OBJECTS), device=device)
     pooled_head = torch.nn.Linear(width, len(GLYPHS), device=device) if glyph and config.glyph_head == "both" else None
-    trained = torch.nn.ModuleList([vision, head, *([pooled_head] if pooled_head is not None else [])])
+    trained = torch.nn.ModuleList(m for m in (vision, head, pooled_head) if m is not None)
     distributed.broadcast_parameters(trained[1:])
     params = list(trained.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
