@@ -47,7 +47,7 @@ from agents.checkpoint import (CheckpointState, capture_rng_states, latest_check
                                save_checkpoint)
 from agents.logger import MetricLogger
 from agents.metrics import summarize
-from agents.rollout import Trajectory, collect
+from agents.rollout import Trajectory, collect, operation_turn_mask
 from agents.schedules import cosine_schedule
 from agents.vlm.hf import (TransformersPolicy, freeze_parameters, load_model, pad_items, placeholder_token_ids,
                            token_logprobs, trajectory_item)
@@ -136,6 +136,11 @@ class GRPOConfig:
     freeze: list[str] = field(default_factory=list)
     """Parameter-name prefixes held fixed, e.g. ``["model"]``: a tiny model then trains its pointer
     head alone (which box to crop), its reading and answering left as the warm start made them."""
+    train_turns: Literal["all", "operations"] = "all"
+    """Which turns of a rollout the loss trains: ``"all"`` (the paper), or ``"operations"``, the
+    turns that call a tool alone: the reward still comes from the answer, but the answer turn
+    gets no gradient, so a right reading of a crop that missed is not pushed down with the
+    crop (reading eroded under ``"all"`` while the crops barely moved, docs/results.md)."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -158,6 +163,8 @@ class GRPOConfig:
             raise ValueError("need replay_batch >= 0 (0: off) and replay_capacity >= 1")
         if isinstance(self.freeze, str) or not all(isinstance(prefix, str) for prefix in self.freeze):
             raise ValueError(f"freeze must be a list of parameter-name prefixes, e.g. ['model'], got {self.freeze!r}")
+        if self.train_turns not in ("all", "operations"):
+            raise ValueError(f"train_turns must be 'all' or 'operations', got {self.train_turns!r}")
 
 
 def shape_rewards(trajectories: Sequence[Trajectory], config: GRPOConfig) -> dict[str, np.ndarray]:
@@ -321,7 +328,7 @@ class GRPOTrainer:
         keep = (~zero_variance_mask(rewards) if config.filter_zero_variance
                 else torch.ones(len(shaped), dtype=torch.bool))
         if config.replay_batch:
-            chosen = selective_sample_replay([[trajectory_item(self.processor, t) for t in g] for g in groups.values()],
+            chosen = selective_sample_replay([[self.item(t) for t in g] for g in groups.values()],
                                              advantages, config.replay_batch, self.replay, self.replay_rng)
             items, item_adv = [c.item for c in chosen], [c.advantage for c in chosen]
             self._refresh_old_logprobs(items)
@@ -330,12 +337,20 @@ class GRPOTrainer:
             for g, (members, kept) in enumerate(zip(groups.values(), keep.tolist())):
                 if kept:
                     for m, t in enumerate(members):
-                        items.append(trajectory_item(self.processor, t))
+                        items.append(self.item(t))
                         item_adv.append(float(advantages[g, m]))
         all_shaped = distributed.gather_objects(shaped)
         stats = {f"reward/{name}": float(np.mean([s[key] for s in all_shaped])) for name, key in REWARD_KEYS}
         stats["train/kept_groups"] = distributed.all_reduce_sum(float(keep.sum())) / len(all_shaped)
         return items, torch.tensor(item_adv), stats
+
+    def item(self, trajectory: Trajectory) -> dict[str, torch.Tensor]:
+        """The training item of one rollout; with ``train_turns="operations"`` its loss mask keeps
+        the tool-calling turns alone."""
+        item = trajectory_item(self.processor, trajectory)
+        if self.config.train_turns == "operations":
+            item["loss_mask"] = torch.as_tensor(operation_turn_mask(trajectory), dtype=item["loss_mask"].dtype)
+        return item
 
     @torch.no_grad()
     def _refresh_old_logprobs(self, items: list[dict[str, torch.Tensor]]) -> None:

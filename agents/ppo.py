@@ -49,7 +49,7 @@ from agents import distributed
 from agents.advantages import gae, value_loss
 from agents.grpo import REWARD_KEYS, GRPOConfig, GRPOTrainer
 from agents.grpo import main as _main
-from agents.rollout import Trajectory
+from agents.rollout import Trajectory, turn_spans
 from agents.vlm.hf import load_model, model_inputs, pad_items, token_logprobs, trajectory_item
 from wrappers.curiosity import RunningRaPR, curiosity_bonus
 from wrappers.efficiency import efficiency_penalty
@@ -200,12 +200,6 @@ def episode_rewards(trajectories: Sequence[Trajectory], rapr_estimates: Sequence
     terms = {"reward_task": np.array(task), "reward_curiosity": np.array(curiosity),
              "reward_penalty": np.array(penalty)}
     return {"reward": terms["reward_task"] + terms["reward_curiosity"] + terms["reward_penalty"], **terms}
-
-
-def turn_spans(generated_mask: np.ndarray) -> list[tuple[int, int]]:
-    """``(start, end)`` of each run of generated tokens of a trajectory: its policy turns, in order."""
-    edges = np.diff(np.concatenate([[0], np.asarray(generated_mask, np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
 def episode_gae(reward: float, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -234,6 +234,26 @@ def assemble_tokens(generations: Sequence[Generation]) -> tuple[np.ndarray, np.n
             np.asarray(logprobs if have_logprobs else [], np.float32))
 
 
+def turn_spans(generated_mask: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of generated tokens of a trajectory: its policy turns, in order."""
+    edges = np.diff(np.concatenate([[0], np.asarray(generated_mask, np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+def operation_turn_mask(trajectory: Trajectory) -> np.ndarray:
+    """`Trajectory.generated_mask` kept on the turns that call a tool (a visual operation or a
+    malformed call), cleared on the answer turns: the tokens that decide where to look."""
+    spans = turn_spans(trajectory.generated_mask)
+    if len(spans) != len(trajectory.turns):
+        raise ValueError(f"the tokens of an episode of {trajectory.sample_id!r} show {len(spans)} generated runs for "
+                         f"{len(trajectory.turns)} turns: every turn must follow prompt tokens of its own")
+    mask = np.zeros_like(trajectory.generated_mask)
+    for (start, end), turn in zip(spans, trajectory.turns):
+        if parse_turn(turn.action).tool_call is not None:
+            mask[start:end] = True
+    return mask
+
+
 def _time_limit_info(episode: _Episode) -> dict[str, Any]:
     """End-of-episode info for an episode a TimeLimit wrapper cut: no answer, score 0, and
     the operation counts read back from the turns with the env's own parser."""

@@ -16,7 +16,7 @@ import torch
 
 import agents.grpo as grpo
 from agents.grpo import GRPOConfig, GRPOTrainer, shape_rewards
-from agents.rollout import Trajectory
+from agents.rollout import Trajectory, Turn
 
 
 def _trajectory(score: float, ops: int, calls: int, group: int = 0, member: int = 0) -> Trajectory:
@@ -49,6 +49,8 @@ def test_config_rejects_bad_settings():
         GRPOConfig(temperature=0)
     with pytest.raises(ValueError, match="list of parameter-name prefixes"):
         GRPOConfig(freeze="model")
+    with pytest.raises(ValueError, match="train_turns"):
+        GRPOConfig(train_turns="answers")
 
 
 def _config(model: Path, out: Path, **overrides) -> GRPOConfig:
@@ -75,6 +77,25 @@ def test_update_moves_parameters(tiny_checkpoint, tmp_path):
     assert np.isfinite(stats["loss/policy"]) and stats["loss/grad_norm"] > 0
     moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert moved > 0
+
+
+def test_operation_turns_alone_are_trained_when_asked(tiny_checkpoint, tmp_path):
+    """``train_turns="operations"``: the loss mask keeps the generated tokens of tool-calling turns
+    and clears those of the answer turn; ``"all"`` keeps every generated token."""
+    crop = '<tool_call>\n{"name": "crop", "arguments": {"box": [0, 0, 10, 10]}}\n</tool_call>'
+    turns = [Turn(observation="", image_indices=(), action=crop, reward=0.0, info={}),
+             Turn(observation="", image_indices=(), action="\\boxed{7}", reward=1.0, info={})]
+    tokens = Trajectory(sample_id="zoom-read/1", family="zoom-read", seed=0, group=0, member=0,
+                        reset_info={"is_video": False}, turns=turns, images=[], info={}, terminated=True,
+                        truncated=False, token_ids=np.arange(10), generated_mask=np.array([0, 0, 1, 1, 1, 0, 0, 1, 1, 0], bool),
+                        logprobs=np.zeros(10, np.float32))
+    trainer = GRPOTrainer(_config(tiny_checkpoint, tmp_path, train_turns="operations"))
+    assert trainer.item(tokens)["loss_mask"].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    every = GRPOTrainer(_config(tiny_checkpoint, tmp_path / "all")).item(tokens)
+    assert every["loss_mask"].tolist() == [0, 0, 1, 1, 1, 0, 0, 1, 1, 0]
+    tokens.turns = turns[1:]
+    with pytest.raises(ValueError, match="generated runs"):
+        trainer.item(tokens)
 
 
 def test_frozen_prefixes_stay_fixed_and_the_rest_trains(tiny_checkpoint, tmp_path):

@@ -13,8 +13,8 @@ import torch
 import agents.ppo as ppo
 from agents.grpo import _parse_args
 from agents.ppo import (VALUE_HEAD_FILE, PPOConfig, PPOTrainer, ValueHead, episode_gae,
-                        episode_rewards, explained_variance, per_token, turn_spans)
-from agents.rollout import Trajectory
+                        episode_rewards, explained_variance, per_token)
+from agents.rollout import Trajectory, turn_spans
 from wrappers.curiosity import RunningRaPR
 
 
