@@ -63,6 +63,8 @@ class Args:
     """Queries per GRPO step (x `group_size` rollouts): small steps, so that an arm makes about 50 of them."""
     group_size: int = 8
     lr: float = 2e-4
+    alpha: float = 0.5
+    """Weight of the curiosity bonus in the `paper` and `code` arms (the paper: 0.5)."""
     max_new_tokens: int = 96
     max_turns: int = 3
     eval_every: int = 10
@@ -81,7 +83,7 @@ def run_arm(args: Args, arm: str, seed: int) -> dict[str, float]:
         return json.loads(done.read_text())
     config = GRPOConfig(
         model=args.warm_start, out=str(out), tasks=args.tasks, steps=args.steps, max_minutes=args.max_minutes,
-        queries_per_step=args.queries_per_step, group_size=args.group_size, lr=args.lr,
+        queries_per_step=args.queries_per_step, group_size=args.group_size, lr=args.lr, alpha=args.alpha,
         max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, eval_every=args.eval_every,
         eval_queries=args.eval_queries, seed=seed, threads=1, resume=(out / "checkpoints").exists(),
         progress=False, **ARMS[arm])

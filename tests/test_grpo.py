@@ -209,3 +209,30 @@ def test_rollout_envs_take_the_model_env_settings_under_the_config(tiny_checkpoi
     env = trainer.envs[0].unwrapped
     assert (env.crop_padding, env.min_crop_side) == (0.02, 10)
     assert trainer.policy.env_kwargs == {"crop_padding": 0.02, "min_crop_side": 10}
+
+
+def test_the_ablation_example_passes_its_settings_to_each_arm(tmp_path, monkeypatch):
+    """`examples/curiosity_ablation.py`: an arm runs GRPO with the study's settings and its own reward switches."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("curiosity_ablation",
+                                                  Path(__file__).parents[1] / "examples" / "curiosity_ablation.py")
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up there
+    spec.loader.exec_module(example)
+    seen = []
+
+    class Recorder:
+        def __init__(self, config: GRPOConfig) -> None:
+            seen.append(config)
+
+        def train(self) -> dict[str, float]:
+            return {"eval/accuracy": 0.5, "eval/rapr": 0.25}
+
+    monkeypatch.setattr(grpo, "GRPOTrainer", Recorder)
+    args = example.Args(out=str(tmp_path), alpha=2.0, lr=1e-4)
+    assert example.run_arm(args, "code", seed=3)["eval/rapr"] == 0.25
+    assert example.run_arm(args, "none", seed=3)["eval/accuracy"] == 0.5
+    code, none = seen
+    assert (code.alpha, code.variant, code.curiosity, code.seed, code.lr) == (2.0, "code", True, 3, 1e-4)
+    assert not none.curiosity and none.out == str(tmp_path / "none-s3")
