@@ -110,9 +110,13 @@ class GRPOConfig:
     variant: Literal["paper", "code"] = "paper"
     """Reward formulas: the paper's or the released code's (REFERENCE sec 3)."""
     alpha: float = 0.5
+    """Curiosity weight of the paper's formula (the released code's has fixed constants)."""
     beta: float = 0.05
+    """Efficiency-penalty weight, per operation beyond the free ones (both formulas)."""
     H: float = 0.3
+    """Target RaPR: the bonus pays while a group's RaPR is under it."""
     N: int = 1
+    """Operations an answer may use before the penalty (the paper's formula; the code's: 1)."""
     eval_every: int = 25
     """Greedy evaluation on held-out queries every this many steps (0: only at the end)."""
     eval_queries: int = 128

@@ -64,7 +64,8 @@ class Args:
     group_size: int = 8
     lr: float = 2e-4
     alpha: float = 0.5
-    """Weight of the curiosity bonus in the `paper` and `code` arms (the paper: 0.5)."""
+    """α, the weight of the curiosity bonus in the `paper` arm (the paper: 0.5); the `code` arm's
+    formula, the released code's, has fixed constants and no α (REFERENCE sec 3)."""
     max_new_tokens: int = 96
     max_turns: int = 3
     eval_every: int = 10
