@@ -49,7 +49,7 @@ from agents import distributed
 from agents.advantages import gae, value_loss
 from agents.grpo import REWARD_KEYS, GRPOConfig, GRPOTrainer
 from agents.grpo import main as _main
-from agents.rollout import Trajectory, turn_spans
+from agents.rollout import Trajectory, policy_turn_spans
 from agents.vlm.hf import load_model, model_inputs, pad_items, token_logprobs, trajectory_item
 from wrappers.curiosity import RunningRaPR, curiosity_bonus
 from wrappers.efficiency import efficiency_penalty
@@ -298,11 +298,7 @@ class PPOTrainer(GRPOTrainer):
         estimates = self.rapr_estimates(trajectories)
         shaped = episode_rewards(trajectories, estimates, config)
         items = [trajectory_item(self.processor, t) for t in trajectories]
-        spans = [turn_spans(t.generated_mask) for t in trajectories]
-        for t, s in zip(trajectories, spans):
-            if len(s) != len(t.turns) or s[0][0] < 1:
-                raise ValueError(f"the tokens of an episode of {t.sample_id!r} show {len(s)} generated runs for "
-                                 f"{len(t.turns)} turns: every turn must follow prompt tokens of its own")
+        spans = [policy_turn_spans(t) for t in trajectories]
         values = self.turn_values(items, spans)
         targets = [episode_gae(float(r), v, config.gamma, config.lam) for r, v in zip(shaped["reward"], values)]
         advantages = [a for a, _ in targets]

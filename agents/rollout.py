@@ -240,15 +240,21 @@ def turn_spans(generated_mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
+def policy_turn_spans(trajectory: Trajectory) -> list[tuple[int, int]]:
+    """`turn_spans` of a trajectory's tokens, one per turn; a mismatch is refused (a turn whose
+    tokens follow no prompt tokens of their own would merge with the one before)."""
+    spans = turn_spans(trajectory.generated_mask)
+    if len(spans) != len(trajectory.turns) or spans and spans[0][0] < 1:
+        raise ValueError(f"the tokens of an episode of {trajectory.sample_id!r} show {len(spans)} generated runs for "
+                         f"{len(trajectory.turns)} turns: every turn must follow prompt tokens of its own")
+    return spans
+
+
 def operation_turn_mask(trajectory: Trajectory) -> np.ndarray:
     """`Trajectory.generated_mask` kept on the turns that call a tool (a visual operation or a
     malformed call), cleared on the answer turns: the tokens that decide where to look."""
-    spans = turn_spans(trajectory.generated_mask)
-    if len(spans) != len(trajectory.turns):
-        raise ValueError(f"the tokens of an episode of {trajectory.sample_id!r} show {len(spans)} generated runs for "
-                         f"{len(trajectory.turns)} turns: every turn must follow prompt tokens of its own")
     mask = np.zeros_like(trajectory.generated_mask)
-    for (start, end), turn in zip(spans, trajectory.turns):
+    for (start, end), turn in zip(policy_turn_spans(trajectory), trajectory.turns):
         if parse_turn(turn.action).tool_call is not None:
             mask[start:end] = True
     return mask

@@ -96,6 +96,9 @@ def test_operation_turns_alone_are_trained_when_asked(tiny_checkpoint, tmp_path)
     tokens.turns = turns[1:]
     with pytest.raises(ValueError, match="generated runs"):
         trainer.item(tokens)
+    tokens.turns, tokens.generated_mask = turns, np.array([1, 1, 1, 0, 0, 0, 0, 1, 1, 0], bool)
+    with pytest.raises(ValueError, match="prompt tokens of its own"):
+        trainer.item(tokens)
 
 
 def test_frozen_prefixes_stay_fixed_and_the_rest_trains(tiny_checkpoint, tmp_path):
