@@ -100,6 +100,8 @@ class PPOConfig(GRPOConfig):
             raise ValueError("vf_coef, value_clip and value_hidden must be >= 0")
         if min(self.rapr_window, self.rapr_global_window) < 1:
             raise ValueError("rapr_window and rapr_global_window count episodes and must be >= 1")
+        if self.train_turns != "all":
+            raise ValueError("train_turns is GRPO's: PPO's critic values every turn, so its loss trains them all")
         self._check_shared()
 
 

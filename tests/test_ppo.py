@@ -85,6 +85,8 @@ def test_config_defaults_and_rejections():
         PPOConfig(filter_zero_variance=True)
     with pytest.raises(ValueError, match="gamma"):
         PPOConfig(lam=1.5)
+    with pytest.raises(ValueError, match="train_turns is GRPO's"):
+        PPOConfig(train_turns="operations")
     with pytest.raises(ValueError, match="temperature"):  # GRPO's shared checks still apply
         PPOConfig(temperature=0)
     parsed = _parse_args(["--gamma", "0.9", "--no-whiten-advantages", "--value-hidden", "16"], PPOConfig)
