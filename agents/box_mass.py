@@ -7,10 +7,17 @@ third of its probability on boxes that do, and then its sampled rollouts miss wh
 ones hit (docs/results.md, "The sampled pointer"). `first_box_hit_mass` measures this on
 played ``image/single`` traces: the prompt and the oracle's text of the first turn up to the
 box are given (teacher forcing), and the distribution over the next token is read.
+
+``python -m agents.box_mass --model M --tasks T`` prints, for the items whose greedy box holds
+the evidence and for those whose greedy box misses, the box mass on the evidence at several
+sampling temperatures and the chance that a group of G sampled rollouts holds at least one
+hit: whether RL's rollouts ever find the evidence where greedy decoding misses it.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,23 +73,105 @@ def first_box_probs(model: Any, processor: Any, views: Sequence[View], batch_siz
     return torch.stack(rows) if rows else torch.zeros(0, model.config.vocab_size)
 
 
+def first_box_hits(traces: Sequence[Trace], source: TaskSource, vocab: BoxVocab,
+                   crop_padding: float) -> list[torch.Tensor]:
+    """For each trace, ``(len(vocab),)`` True where the box's padded crop holds its sample's evidence."""
+    rows = []
+    for trace in traces:
+        sample = source.get(trace.sample_id)
+        height, width = sample.load_image().shape[:2]
+        rows.append(torch.from_numpy(hitting_boxes(vocab, (width, height), sample.evidence_box, crop_padding)))
+    return rows
+
+
 def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], source: TaskSource, vocab: BoxVocab,
                        crop_padding: float, batch_size: int = 16) -> list[dict[str, float]]:
     """For each ``image/single`` trace (written with `vocab`'s box tokens), in order: ``hit_mass``, the
     probability at temperature 1 that the first box holds the evidence; ``top_mass``, the
     probability of the most probable token; ``greedy_hit``, 1.0 when that token is a box that
     holds the evidence. The model is left in its mode."""
-    others = sorted({t.kind for t in traces if t.kind != "image/single"})
-    if others:
-        raise ValueError(f"box mass is read on image/single traces (one crop of the evidence), got {others}")
+    _check_single(traces)
     start = model.config.box_token_start_id
     probs = first_box_probs(model, processor, [t.pointing() for t in traces], batch_size)
     rows: list[dict[str, float]] = []
-    for trace, row in zip(traces, probs):
-        sample = source.get(trace.sample_id)
-        height, width = sample.load_image().shape[:2]
-        hits = torch.from_numpy(hitting_boxes(vocab, (width, height), sample.evidence_box, crop_padding))
+    for row, hits in zip(probs, first_box_hits(traces, source, vocab, crop_padding)):
         top = int(row.argmax())
         rows.append({"hit_mass": float(row[start:][hits].sum()), "top_mass": float(row[top]),
                      "greedy_hit": float(top >= start and bool(hits[top - start]))})
     return rows
+
+
+def _check_single(traces: Sequence[Trace]) -> None:
+    others = sorted({t.kind for t in traces if t.kind != "image/single"})
+    if others:
+        raise ValueError(f"box mass is read on image/single traces (one crop of the evidence), got {others}")
+
+
+def tempered_hit_mass(box_probs: torch.Tensor, hits: torch.Tensor, temperature: float) -> float:
+    """The probability that a box sampled at `temperature` from `box_probs` (a distribution over
+    the box vocabulary, i.e. the temperature-1 policy restricted to box tokens) is one of `hits`."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    tempered = torch.softmax(torch.log(box_probs.double().clamp_min(1e-300)) / temperature, dim=0)
+    return float(tempered[hits].sum())
+
+
+def exploration_report(box_probs: torch.Tensor, hits: Sequence[torch.Tensor], temperatures: Sequence[float],
+                       group_size: int) -> dict[str, dict[str, Any]]:
+    """Box mass on the evidence at each temperature, and the chance that at least one of
+    `group_size` sampled boxes holds it, over all items and split by whether the greedy box
+    (the most probable one) holds it. `box_probs` is ``(n, len(vocab))``, rows renormalised
+    over the box tokens."""
+    greedy = [bool(h[int(p.argmax())]) for p, h in zip(box_probs, hits)]
+    report: dict[str, dict[str, Any]] = {}
+    for name, keep in (("all", [True] * len(greedy)), ("greedy hit", greedy), ("greedy miss", [not g for g in greedy])):
+        rows = [(p, h) for p, h, k in zip(box_probs, hits, keep) if k]
+        entry: dict[str, Any] = {"items": len(rows)}
+        for t in temperatures:
+            mass = np.array([tempered_hit_mass(p, h, t) for p, h in rows]) if rows else np.zeros(0)
+            entry[f"hit_mass@{t:g}"] = float(mass.mean()) if rows else None
+            entry[f"group_hit@{t:g}"] = float((1 - (1 - mass) ** group_size).mean()) if rows else None
+        report[name] = entry
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from transformers import AutoProcessor
+
+    from agents.sft import BoxSnapper, SFTConfig, box_vocab, eval_sample_ids, task_source
+    from agents.traces import TraceOptions, play_traces
+    from agents.vlm.chat import load_chat_format
+    from agents.vlm.env_settings import load_env_settings
+    from agents.vlm.hf import load_model
+
+    parser = argparse.ArgumentParser(description="Box mass on the evidence at sampling temperatures, by greedy hit or miss.")
+    parser.add_argument("--model", required=True, help="checkpoint folder of a tiny model (box tokens)")
+    parser.add_argument("--tasks", default='{"zoom-read": {}}', help="task spec JSON (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=200, help="held-out items per family, those of `agents.sft --evaluate`")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    parser.add_argument("--group-size", type=int, default=4, help="rollouts per query (G) for group_hit")
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model)
+    vocab = box_vocab(model.config)
+    if vocab is None:
+        raise SystemExit(f"{args.model} writes its boxes as numbers, not box tokens: no box distribution to read")
+    processor = AutoProcessor.from_pretrained(args.model)
+    env_kwargs = load_env_settings(args.model)
+    tasks = json.loads(args.tasks)
+    source = task_source(tasks)
+    options = TraceOptions(box_writer=BoxSnapper(vocab), chat_format=load_chat_format(args.model), env_kwargs=env_kwargs)
+    ids = eval_sample_ids(tasks, args.samples, SFTConfig.eval_seed, set())
+    traces = [t for t in play_traces(source, ids, options=options) if t.kind == "image/single"]
+    start = model.config.box_token_start_id
+    probs = first_box_probs(model, processor, [t.pointing() for t in traces])[:, start:]
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    hits = first_box_hits(traces, source, vocab, env_kwargs.get("crop_padding", ops.CROP_PADDING))
+    report = exploration_report(probs, hits, args.temperatures, args.group_size)
+    print(json.dumps({name: {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()}
+                      for name, entry in report.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

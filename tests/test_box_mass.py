@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from agents.box_mass import first_box_hit_mass, hitting_boxes
+from agents.box_mass import exploration_report, first_box_hit_mass, hitting_boxes, tempered_hit_mass
 from agents.sft import ZOOM_EASY, box_vocab, snap_to_box_tokens, task_source
 from agents.traces import TraceOptions, play_traces
 from agents.vlm.chat import ChatFormat
@@ -68,3 +68,24 @@ def test_first_box_hit_mass_refuses_traces_without_one_evidence_crop() -> None:
                          options=TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat()))
     with pytest.raises(ValueError, match="image/single"):
         first_box_hit_mass(model, processor, traces, source, box_vocab(model.config), 0.1)
+
+
+def test_tempered_hit_mass_flattens_the_box_distribution() -> None:
+    probs, hits = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([False, True, True])
+    assert tempered_hit_mass(probs, hits, 1.0) == pytest.approx(0.5)
+    root = torch.tensor([0.5, 0.3, 0.2]).sqrt()  # temperature 2: p ** (1 / 2), renormalised
+    assert tempered_hit_mass(probs, hits, 2.0) == pytest.approx(float(root[1:].sum() / root.sum()))
+    assert tempered_hit_mass(probs, hits, 0.01) == pytest.approx(0.0, abs=1e-6)  # near greedy: the top box misses
+    with pytest.raises(ValueError, match="temperature"):
+        tempered_hit_mass(probs, hits, 0.0)
+
+
+def test_exploration_report_splits_items_by_their_greedy_box() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.9, 0.0]])
+    hits = [torch.tensor([False, True, True]), torch.tensor([False, True, False])]
+    report = exploration_report(probs, hits, [1.0], group_size=2)
+    assert report["greedy miss"]["items"] == 1 and report["greedy hit"]["items"] == 1
+    assert report["greedy miss"]["hit_mass@1"] == pytest.approx(0.5)
+    assert report["greedy miss"]["group_hit@1"] == pytest.approx(1 - 0.5 ** 2)  # one of 2 samples hits
+    assert report["greedy hit"]["group_hit@1"] == pytest.approx(1 - 0.1 ** 2)
+    assert report["all"]["hit_mass@1"] == pytest.approx((0.5 + 0.9) / 2)
