@@ -90,7 +90,9 @@ def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], sour
     probability at temperature 1 that the first box holds the evidence; ``top_mass``, the
     probability of the most probable token; ``greedy_hit``, 1.0 when that token is a box that
     holds the evidence. The model is left in its mode."""
-    _check_single(traces)
+    others = sorted({t.kind for t in traces if t.kind != "image/single"})
+    if others:
+        raise ValueError(f"box mass is read on image/single traces (one crop of the evidence), got {others}")
     start = model.config.box_token_start_id
     probs = first_box_probs(model, processor, [t.pointing() for t in traces], batch_size)
     rows: list[dict[str, float]] = []
@@ -99,12 +101,6 @@ def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], sour
         rows.append({"hit_mass": float(row[start:][hits].sum()), "top_mass": float(row[top]),
                      "greedy_hit": float(top >= start and bool(hits[top - start]))})
     return rows
-
-
-def _check_single(traces: Sequence[Trace]) -> None:
-    others = sorted({t.kind for t in traces if t.kind != "image/single"})
-    if others:
-        raise ValueError(f"box mass is read on image/single traces (one crop of the evidence), got {others}")
 
 
 def tempered_hit_mass(box_probs: torch.Tensor, hits: torch.Tensor, temperature: float) -> float:
@@ -122,27 +118,42 @@ def exploration_report(box_probs: torch.Tensor, hits: Sequence[torch.Tensor], te
     `group_size` sampled boxes holds it, over all items and split by whether the greedy box
     (the most probable one) holds it. `box_probs` is ``(n, len(vocab))``, rows renormalised
     over the box tokens."""
-    greedy = [bool(h[int(p.argmax())]) for p, h in zip(box_probs, hits)]
+    greedy = np.array([bool(h[int(p.argmax())]) for p, h in zip(box_probs, hits)], dtype=bool)
+    mass = np.array([[tempered_hit_mass(p, h, t) for t in temperatures] for p, h in zip(box_probs, hits)])
     report: dict[str, dict[str, Any]] = {}
-    for name, keep in (("all", [True] * len(greedy)), ("greedy hit", greedy), ("greedy miss", [not g for g in greedy])):
-        rows = [(p, h) for p, h, k in zip(box_probs, hits, keep) if k]
-        entry: dict[str, Any] = {"items": len(rows)}
-        for t in temperatures:
-            mass = np.array([tempered_hit_mass(p, h, t) for p, h in rows]) if rows else np.zeros(0)
-            entry[f"hit_mass@{t:g}"] = float(mass.mean()) if rows else None
-            entry[f"group_hit@{t:g}"] = float((1 - (1 - mass) ** group_size).mean()) if rows else None
+    for name, keep in (("all", np.ones_like(greedy)), ("greedy hit", greedy), ("greedy miss", ~greedy)):
+        entry: dict[str, Any] = {"items": int(keep.sum())}
+        for column, t in enumerate(temperatures):
+            kept = mass[keep, column] if keep.any() else None
+            entry[f"hit_mass@{t:g}"] = None if kept is None else float(kept.mean())
+            entry[f"group_hit@{t:g}"] = None if kept is None else float((1 - (1 - kept) ** group_size).mean())
         report[name] = entry
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def load_for_pointing(model_dir: str, device: str = "cpu") -> tuple[Any, Any, dict[str, Any], Any]:
+    """A saved policy for the pointing probes: its model, processor, env settings, and the
+    `TraceOptions` that play oracle traces in its chat format with its box writing (box
+    tokens for a tiny model, numbers otherwise)."""
     from transformers import AutoProcessor
 
-    from agents.sft import BoxSnapper, SFTConfig, box_vocab, eval_sample_ids, task_source
-    from agents.traces import TraceOptions, play_traces
+    from agents.sft import BoxSnapper, box_vocab
+    from agents.traces import TraceOptions
     from agents.vlm.chat import load_chat_format
     from agents.vlm.env_settings import load_env_settings
     from agents.vlm.hf import load_model
+
+    model = load_model(model_dir, device=device)
+    env_kwargs = load_env_settings(model_dir)
+    vocab = box_vocab(model.config)
+    options = TraceOptions(box_writer=None if vocab is None else BoxSnapper(vocab),
+                           chat_format=load_chat_format(model_dir), env_kwargs=env_kwargs)
+    return model, AutoProcessor.from_pretrained(model_dir), env_kwargs, options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from agents.sft import SFTConfig, box_vocab, eval_sample_ids, task_source
+    from agents.traces import play_traces
 
     parser = argparse.ArgumentParser(description="Box mass on the evidence at sampling temperatures, by greedy hit or miss.")
     parser.add_argument("--model", required=True, help="checkpoint folder of a tiny model (box tokens)")
@@ -152,15 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=4, help="rollouts per query (G) for group_hit")
     args = parser.parse_args(argv)
 
-    model = load_model(args.model)
+    model, processor, env_kwargs, options = load_for_pointing(args.model)
     vocab = box_vocab(model.config)
     if vocab is None:
         raise SystemExit(f"{args.model} writes its boxes as numbers, not box tokens: no box distribution to read")
-    processor = AutoProcessor.from_pretrained(args.model)
-    env_kwargs = load_env_settings(args.model)
     tasks = json.loads(args.tasks)
     source = task_source(tasks)
-    options = TraceOptions(box_writer=BoxSnapper(vocab), chat_format=load_chat_format(args.model), env_kwargs=env_kwargs)
     ids = eval_sample_ids(tasks, args.samples, SFTConfig.eval_seed, set())
     traces = [t for t in play_traces(source, ids, options=options) if t.kind == "image/single"]
     start = model.config.box_token_start_id

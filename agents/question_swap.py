@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from agents.box_mass import crop_holds, first_box_probs
+from agents.box_mass import crop_holds, first_box_probs, load_for_pointing
 from agents.traces import Trace
 from agents.vlm.chat import IM_END
 from agents.vlm.encoding import encode_segments
@@ -161,13 +161,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from transformers import AutoProcessor
-
-    from agents.sft import BoxSnapper, box_vocab, eval_sample_ids, task_source
-    from agents.traces import TraceOptions, play_traces
-    from agents.vlm.chat import load_chat_format
-    from agents.vlm.env_settings import load_env_settings
-    from agents.vlm.hf import load_model
+    from agents.sft import eval_sample_ids, task_source
+    from agents.traces import play_traces
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id) of the policy")
@@ -177,14 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    model = load_model(args.model, device=args.device)
-    processor = AutoProcessor.from_pretrained(args.model)
-    env_kwargs = load_env_settings(args.model)
-    vocab = box_vocab(model.config)
+    model, processor, env_kwargs, options = load_for_pointing(args.model, args.device)
     tasks = json.loads(args.tasks)
     source = task_source(tasks)
-    options = TraceOptions(box_writer=None if vocab is None else BoxSnapper(vocab),
-                           chat_format=load_chat_format(args.model), env_kwargs=env_kwargs)
     report = {}
     for family in tasks:
         ids = eval_sample_ids({family: tasks[family]}, args.samples, args.first_seed, set())
