@@ -16,6 +16,7 @@ from agents.vlm.chat import Conversation, render_messages  # noqa: E402
 from agents.vlm.tiny import (  # noqa: E402
     BoxVocab, TinyVLMForConditionalGeneration, TinyVLMProcessor, build_tiny_model, build_tiny_processor,
 )
+from agents.vlm.tiny.modeling_tiny_vlm import unique_images  # noqa: E402
 from pxr_env import ops  # noqa: E402
 from pxr_env.actions import format_tool_call, parse_turn  # noqa: E402
 
@@ -472,3 +473,52 @@ def test_pointer_match_gets_a_gradient_at_its_zero_start(processor):
                                                     model.pointer.match_features)[0])
     change = (features[1] - features[0]).abs().sum(-1).view(grid, grid)
     assert change[1, 1] > 0 and change[grid - 1, grid - 1] == 0  # the blob's cell and its neighbours, not far away
+
+
+def test_unique_images_finds_copies_in_any_order_and_reconstructs_the_batch():
+    a, b, c = (torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    images = torch.stack([a, b, a, c, b, a])
+    unique, inverse = unique_images(images)
+    assert len(unique) == 3 and inverse.tolist() == [0, 1, 0, 2, 1, 0]
+    torch.testing.assert_close(unique[inverse], images, rtol=0, atol=0)
+    near = a.clone()
+    near[0, 0, 0] += 1e-3  # one pixel apart: another image
+    distinct = torch.stack([a, near, b])
+    unique, inverse = unique_images(distinct)
+    assert unique is distinct and inverse.tolist() == [0, 1, 2]
+
+
+def test_shared_first_images_give_the_logits_and_gradients_of_rows_run_alone(processor):
+    """A batch that holds one image in several rows (a GRPO group) encodes it once, with the
+    logits and parameter gradients of running each row by itself."""
+    model = build_tiny_model(processor, seed=0, pointer_match=True, pointer_stem=True, token_conv=True,
+                             image_summary=True, hidden_size=64, intermediate_size=128).train()
+    with torch.no_grad():
+        model.pointer.match_question.weight.normal_(0, 0.1)
+        model.pointer.stem_out.weight.normal_(0, 0.1)
+    texts, images = [], []
+    for question, seed in (("red", 0), ("blue", 0), ("red", 1), ("green", 0)):
+        conv = Conversation(question_first=True)
+        conv.add_observation({"text": f"What digit is on the {question} square?", "images": (_image(seed, (224, 224)),)})
+        texts.append(processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False) + CALL_PREFIX)
+        images += conv.images
+    start = model.config.box_token_start_id
+
+    def loss_and_grads(rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        inputs = processor(text=[texts[r] for r in rows], images=[images[r] for r in rows], return_tensors="pt",
+                           padding=True)
+        logits = model(**inputs).logits[:, -1, start:]
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([5 + r for r in rows]), reduction="sum")
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    encoded = []
+    frame_tokens = model.model.vision.frame_tokens
+    model.model.vision.frame_tokens = lambda frames: encoded.append(len(frames)) or frame_tokens(frames)
+    together, grads = loss_and_grads([0, 1, 2, 3])
+    assert encoded == [2]  # rows 0, 1 and 3 share their image
+    alone = [loss_and_grads([r]) for r in range(4)]
+    torch.testing.assert_close(together, torch.cat([logits for logits, _ in alone]), rtol=1e-4, atol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, sum(g[name] for _, g in alone), rtol=1e-3, atol=1e-5, msg=name)

@@ -199,6 +199,49 @@ def images_by_grid(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, pat
     return batches
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_PRIME = 65521  # keeps each term of the fingerprint below 2**32 and the sum far from overflow
+_SAMPLE_STRIDE = 61  # the fingerprint reads every 61st element: cheap, and confirmed by a full comparison
+
+
+def unique_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, ...)`` images -> ``(unique, inverse)`` with ``unique[inverse]`` equal to `images`.
+
+    The G rollouts of one query share their first image, and a batch of them holds it G
+    times; a branch run over `unique` and indexed by `inverse` computes it once (gradients
+    flow back through the indexing to each copy's share). Copies are found by a
+    fingerprint and confirmed equal element by element. The fingerprint is an integer sum
+    over the pixels' bits, exact in any order of summation (a float projection is not: the
+    same row gave other sums at other places in the batch).
+    """
+    flat = images.flatten(1)
+    sampled = flat.detach()[:, ::_SAMPLE_STRIDE].contiguous()  # copies agree on every element, so on these too
+    bits = sampled.view(_INT_OF_SIZE[flat.element_size()]).long() % _PRIME
+    weights = torch.arange(1, sampled.shape[1] + 1, device=flat.device) % _PRIME
+    fingerprints = (bits * weights).sum(1).tolist()
+    kept: list[int] = []
+    inverse: list[int] = []
+    by_fingerprint: dict[float, list[int]] = {}
+    for i, fingerprint in enumerate(fingerprints):
+        same = by_fingerprint.setdefault(fingerprint, [])
+        match = next((u for u in same if torch.equal(flat[kept[u]], flat[i])), None)
+        if match is None:
+            match = len(kept)
+            same.append(match)
+            kept.append(i)
+        inverse.append(match)
+    if len(kept) == len(fingerprints):
+        return images, torch.arange(len(kept), device=images.device)
+    return images[kept], torch.tensor(inverse, device=images.device)
+
+
+def per_unique_image(branch: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """`branch` over a batch of images, each distinct image computed once (`unique_images`)."""
+    unique, inverse = unique_images(images)
+    out = branch(unique)
+    return out if unique is images else out[inverse]
+
+
 class TinyVLMImageSummary(nn.Module):
     """One vector per image from its token grid: two stride-2 3x3 convs (GroupNorm, GELU), max-pooled.
 
@@ -242,17 +285,22 @@ class TinyVLMVisionEncoder(nn.Module):
         """``(total_patches, 3 * p * p)`` patches -> ``(total_patches, hidden)`` image tokens, in order."""
         pieces: list[torch.Tensor] = [pixel_values[:0]] * image_grid_thw.shape[0]
         for indices, (t, h, w), images in images_by_grid(pixel_values, image_grid_thw, self.patch_size):
-            grid = self.stem(images)
-            if self.summary is not None:
-                grid = grid + self.summary(grid)[:, :, None, None]
-            tokens = self.patch_norm(grid.flatten(2).transpose(1, 2))
-            tokens = tokens + sincos_2d(h, w, tokens.shape[-1], self.ref_grid, tokens.device).to(tokens.dtype)
-            for layer in self.layers:
-                tokens = layer(tokens, mask=None)
-            tokens = self.norm(tokens).reshape(len(indices), t * h * w, -1)
+            tokens = per_unique_image(self.frame_tokens, images).reshape(len(indices), t * h * w, -1)
             for j, i in enumerate(indices):
                 pieces[i] = tokens[j]
         return torch.cat(pieces)
+
+    def frame_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, H, W)`` frames of one grid size -> ``(n, tokens, hidden)`` image tokens."""
+        grid = self.stem(images)
+        if self.summary is not None:
+            grid = grid + self.summary(grid)[:, :, None, None]
+        tokens = self.patch_norm(grid.flatten(2).transpose(1, 2))
+        h, w = grid.shape[-2:]
+        tokens = tokens + sincos_2d(h, w, tokens.shape[-1], self.ref_grid, tokens.device).to(tokens.dtype)
+        for layer in self.layers:
+            tokens = layer(tokens, mask=None)
+        return self.norm(tokens)
 
 
 class ZeroInitLinear(nn.Linear):
@@ -319,7 +367,7 @@ class TinyVLMPointerHead(nn.Module):
         chosen = torch.cat([pieces[i] for i in which])
         outputs: list[torch.Tensor] = [chosen[:0]] * len(which)
         for indices, _, images in images_by_grid(chosen, image_grid_thw[which], self.patch_size):
-            result = branch(images)
+            result = per_unique_image(branch, images)
             for j, i in enumerate(indices):
                 outputs[i] = result[j]
         return outputs
