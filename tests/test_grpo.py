@@ -106,6 +106,7 @@ def test_frozen_prefixes_stay_fixed_and_the_rest_trains(tiny_checkpoint, tmp_pat
     from agents.vlm.hf import trajectory_item
 
     trainer = GRPOTrainer(_config(tiny_checkpoint, tmp_path, freeze=["model"]))
+    trainer.model.config.box_slot_token_id = None  # the untrained model then samples box tokens anywhere
     items = [trajectory_item(trainer.processor, t) for t in trainer.rollouts(step=0)]
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.update(items, torch.tensor([1.0, -1.0, 0.5, -0.5]))

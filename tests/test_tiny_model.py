@@ -228,7 +228,7 @@ def test_pointer_subcells_tell_the_cells_within_one_image_token_apart(processor)
     assert torch.equal(parts.view(28, 28), (rows % 2) * 2 + cols % 2)
     image = np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)
     prompt = render_messages([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}])
-    inputs = fine(text=[prompt], images=[image], return_tensors="pt")
+    inputs = fine(text=[prompt + CALL_PREFIX], images=[image], return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1, model.config.box_token_start_id:]
     per_cell = logits.view(28, 28, 4)[..., 0]
@@ -352,9 +352,13 @@ def test_pointer_stem_starts_at_zero_learns_with_a_frozen_encoder_and_round_trip
     for p in model.model.vision.parameters():
         p.requires_grad_(False)
     start = model.config.box_token_start_id
+    convs, _ = batch
+    texts = [processor.apply_chat_template(c.messages, add_generation_prompt=True, tokenize=False) + CALL_PREFIX
+             for c in convs]
+    calls = processor(text=texts, images=[image for c in convs for image in c.images], return_tensors="pt", padding=True)
     for _ in range(2):  # stem_out moves first, then the stem behind it gets a gradient
         model.zero_grad()
-        logits = model(**inputs).logits[:, -1, start:]
+        logits = model(**calls).logits[:, -1, start:]
         torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long)).backward()
         with torch.no_grad():
             for p in model.pointer.parameters():
@@ -522,3 +526,31 @@ def test_shared_first_images_give_the_logits_and_gradients_of_rows_run_alone(pro
     torch.testing.assert_close(together, torch.cat([logits for logits, _ in alone]), rtol=1e-4, atol=1e-4)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, sum(g[name] for _, g in alone), rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_box_tokens_get_mass_only_after_the_token_that_opens_a_box(processor):
+    """With ``box_slot_token_id`` (set by `tiny_config`) the box tokens' logits are masked after
+    every other input token, so a raised term that is the same at every position (here the
+    size bias; in a GRPO run the question-match term) cannot leak boxes into free text;
+    without the mask it does."""
+    model = build_tiny_model(processor, seed=0, pointer_match=True, hidden_size=64, intermediate_size=128).eval()
+    slot = model.config.box_slot_token_id
+    assert processor.tokenizer.decode([slot]) == " ["
+    with torch.no_grad():
+        model.pointer.size_bias.fill_(20.0)
+    conv = Conversation(question_first=True)
+    conv.add_observation({"text": "What digit is written on the red square?", "images": (_image(0, (224, 224)),)})
+    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text + "Let me zoom in.\n" + CALL_PREFIX], images=conv.images, return_tensors="pt")
+    start = model.config.box_token_start_id
+    is_slot = inputs["input_ids"][0] == slot
+    assert is_slot[-1]
+
+    def box_mass() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**inputs).logits[0].softmax(-1)[:, start:].sum(-1)
+
+    masked = box_mass()
+    assert masked[-1] > 0.5 and masked[~is_slot].max() == 0
+    model.config.box_slot_token_id = None
+    assert box_mass()[~is_slot].min() > 0.5

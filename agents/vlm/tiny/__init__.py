@@ -30,6 +30,7 @@ from agents.vlm.tiny.modeling_tiny_vlm import (
     TinyVLMCausalLMOutputWithPast, TinyVLMForConditionalGeneration, TinyVLMModel, TinyVLMPreTrainedModel,
 )
 from agents.vlm.tiny.processing_tiny_vlm import TinyVLMImageProcessor, TinyVLMProcessor
+from pxr_env.actions import format_tool_call
 
 TOKENIZER_DIR = Path(__file__).with_name("tokenizer")
 
@@ -65,7 +66,9 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> TinyVLM
     if tail != list(boxes.texts):
         raise ValueError(f"the tokenizer's last {len(boxes)} tokens are not the box vocabulary of grid "
                          f"{boxes.grid} and sizes {boxes.sizes}; rebuild it with agents.vlm.tiny.build_tokenizer")
-    ids = {"vocab_size": len(tokenizer), "box_token_start_id": start,
+    call = tokenizer(format_tool_call("crop_image", {"bbox_2d": list(boxes.boxes[0]), "target_image": 1}),
+                     add_special_tokens=False).input_ids
+    ids = {"vocab_size": len(tokenizer), "box_token_start_id": start, "box_slot_token_id": call[call.index(start) - 1],
            "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     return TinyVLMConfig(**{**overrides, **ids})

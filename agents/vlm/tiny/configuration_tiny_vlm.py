@@ -74,6 +74,12 @@ class TinyVLMConfig(PreTrainedConfig):
         pointer_dim: size of the pointer head's query and key vectors.
         box_token_start_id: id of the first box token; ``vocab_size - box_token_start_id``
             must be ``pointer_grid**2 * len(box_sizes)``.
+        box_slot_token_id: id of the token a box token follows (the `` [`` that opens a
+            ``bbox_2d``); when set, box tokens get no mass after any other input token. The
+            question-match term is the same at every position, so without the mask a GRPO
+            run that strengthened it raised the box tokens' mass in free text (1e-5 to 0.045
+            per text token) until rollouts wrote boxes into their sentences (docs/results.md).
+            None (checkpoints saved before it): no mask.
         image_token_id: id of ``<|image_pad|>``, replaced by image-token embeddings.
         rope_base: base of the rotary position frequencies of the decoder.
         rms_norm_eps: epsilon of the RMS norms.
@@ -105,6 +111,7 @@ class TinyVLMConfig(PreTrainedConfig):
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
     box_token_start_id: int | None = None
+    box_slot_token_id: int | None = None
     image_token_id: int | None = None
     rope_base: float = 10000.0
     rms_norm_eps: float = 1e-6

@@ -22,7 +22,8 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
   cell's centre, in the first image of the sequence (image 1: the tiny model crops only
   the original image). The location is copied from the image tokens, not memorised. The
   box logits join the ordinary logits in one softmax, so a box token's log-prob is read
-  like any other token's. Rows without an image give the box tokens no mass. Options add
+  like any other token's. Rows without an image give the box tokens no mass, nor do
+  positions whose input token is not the one a box follows (``box_slot_token_id``). Options add
   a pointer stem of its own, a gate of the keys by the question (``pointer_question``) or
   a question-match term per cell (``pointer_match``).
 
@@ -667,8 +668,13 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 pointer_keys, pointer_valid = self.image_one_keys(hidden, input_ids, image_grid_thw, pixel_values)
         elif pointer_valid is None:
             raise ValueError("pointer_keys need pointer_valid (both come in the model's output)")
-        hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
-        logits = torch.cat([self.lm_head(hidden), self.pointer(hidden, pointer_keys, pointer_valid)], dim=-1)
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden = hidden[:, kept]
+        boxes = self.pointer(hidden, pointer_keys, pointer_valid)
+        if self.config.box_slot_token_id is not None and input_ids is not None:
+            slot = (input_ids == self.config.box_slot_token_id)[:, kept]
+            boxes = boxes.masked_fill(~slot[..., None], torch.finfo(boxes.dtype).min)
+        logits = torch.cat([self.lm_head(hidden), boxes], dim=-1)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
