@@ -27,11 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from agents.sft import PRESETS, TINY_SYSTEM, BoxSnapper, box_vocab, sft_loss_sum
-from agents.traces import Trace, TraceMix, TraceOptions, synthesize_traces
-from agents.vlm.chat import ChatFormat
+from agents.sft import sft_loss_sum
+from agents.traces import Trace
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
-from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
+from preset_model import preset_model_and_traces
 
 
 def full_logits_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -54,13 +53,8 @@ def main() -> None:
                         help="what of each trace a step trains on (the warm start's stage kinds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shape = PRESETS["warmstart"]["model"] | {"pointer_grid": args.grid, "pointer_subcells": args.subcells}
-    boxes = box_vocab(TinyVLMConfig(**shape))
-    processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
-    model = build_tiny_model(processor, seed=0, **shape)
-    chat = ChatFormat(system=TINY_SYSTEM, question_first=True)
-    traces = synthesize_traces("zoom-read", args.batch_size, 0, mix=TraceMix(image={"image/single": 1.0}, video_share=0.0),
-                               seed=0, options=TraceOptions(box_writer=BoxSnapper(boxes), chat_format=chat), progress=False)
+    model, processor, traces = preset_model_and_traces(
+        {"pointer_grid": args.grid, "pointer_subcells": args.subcells}, args.batch_size)
     views = {"whole": lambda t: (t.segments(), t.images), "reading": Trace.reading, "pointing": Trace.pointing}
     batch = collate([encode_segments(processor, *views[args.view](t)) for t in traces], processor.tokenizer.pad_token_id)
     with torch.no_grad():

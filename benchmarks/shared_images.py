@@ -23,12 +23,11 @@ from collections.abc import Callable
 
 import torch
 
-from agents.sft import PRESETS, TINY_SYSTEM, BoxSnapper, box_vocab, sft_loss_sum
-from agents.traces import Trace, TraceMix, TraceOptions, synthesize_traces
-from agents.vlm.chat import ChatFormat
+from agents.sft import sft_loss_sum
+from agents.traces import Trace
 from agents.vlm.encoding import collate, encode_segments
-from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
 from agents.vlm.tiny import modeling_tiny_vlm
+from preset_model import preset_model_and_traces
 
 
 def _identity(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,13 +42,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shape = PRESETS["warmstart"]["model"] | {"pointer_match": True}
-    boxes = box_vocab(TinyVLMConfig(**shape))
-    processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
-    model = build_tiny_model(processor, seed=0, **shape)
-    chat = ChatFormat(system=TINY_SYSTEM, question_first=True)
-    traces = synthesize_traces("zoom-read", args.queries, 0, mix=TraceMix(image={"image/single": 1.0}, video_share=0.0),
-                               seed=0, options=TraceOptions(box_writer=BoxSnapper(boxes), chat_format=chat), progress=False)
+    model, processor, traces = preset_model_and_traces({"pointer_match": True}, args.queries)
     items = [encode_segments(processor, *Trace.pointing(t)) for t in traces for _ in range(args.group_size)]
     batch = collate(items, processor.tokenizer.pad_token_id)
 
