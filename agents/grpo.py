@@ -430,7 +430,7 @@ class GRPOTrainer:
                 ref = token_logprobs(self.reference, batch, config.temperature, self.suppressed)
             kl = kl_penalty(logp, ref, mask, kind="k3", num_tokens=num_tokens)
             loss = loss + config.kl_coef * kl
-            stats["loss/kl_ref"] = float(kl)
+            stats["loss/kl_ref"] = float(kl.detach())
         stats["loss/policy"] = float(loss.detach())
         return loss, stats
 

@@ -79,6 +79,21 @@ def test_update_moves_parameters(tiny_checkpoint, tmp_path):
     assert moved > 0
 
 
+def test_kl_to_the_reference_starts_at_zero_grows_as_the_policy_moves_and_leaves_the_reference(tiny_checkpoint,
+                                                                                                 tmp_path):
+    """``kl_coef`` > 0: a frozen copy of the starting model is the reference; the KL term is 0
+    before the first update and positive after the policy moved, and the reference stays put."""
+    from agents.vlm.hf import trajectory_item
+
+    trainer = GRPOTrainer(_config(tiny_checkpoint, tmp_path, kl_coef=0.5))
+    items = [trajectory_item(trainer.processor, t) for t in trainer.rollouts(step=0)]
+    reference = [p.detach().clone() for p in trainer.reference.parameters()]
+    first = trainer.update(items, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    second = trainer.update(items, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    assert first["loss/kl_ref"] == pytest.approx(0.0, abs=1e-6) and second["loss/kl_ref"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(reference, trainer.reference.parameters()))
+
+
 def test_operation_turns_alone_are_trained_when_asked(tiny_checkpoint, tmp_path):
     """``train_turns="operations"``: the loss mask keeps the generated tokens of tool-calling turns
     and clears those of the answer turn; ``"all"`` keeps every generated token."""
