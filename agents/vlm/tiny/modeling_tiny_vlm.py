@@ -222,7 +222,7 @@ def unique_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fingerprints = (bits * weights).sum(1).tolist()
     kept: list[int] = []
     inverse: list[int] = []
-    by_fingerprint: dict[float, list[int]] = {}
+    by_fingerprint: dict[int, list[int]] = {}
     for i, fingerprint in enumerate(fingerprints):
         same = by_fingerprint.setdefault(fingerprint, [])
         match = next((u for u in same if torch.equal(flat[kept[u]], flat[i])), None)
