@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from agents.traces import Trace
-from agents.vlm.encoding import encode_segments
+from agents.vlm.encoding import IGNORE_INDEX, encode_segments
 from agents.vlm.hf import model_inputs, pad_items
 from agents.vlm.tiny.boxes import BoxVocab
 from pxr_env import ops
@@ -103,6 +103,41 @@ def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], sour
     return rows
 
 
+@torch.no_grad()
+def text_position_stats(model: Any, processor: Any, traces: Sequence[Trace], batch_size: int = 16) -> dict[str, float]:
+    """How a box-token model holds up in its free text, teacher forced on `traces`.
+
+    At every trained text position (a loss-masked label below the box tokens: the text before
+    a crop call, the answer), ``text_box_mass`` is the mean probability the model puts on box
+    tokens there, and ``text_nll`` the mean negative log-likelihood of the oracle's token.
+    A pointer term that does not depend on the position leaks box probability into text under
+    RL, and RL's sampled-token loss lets the text drift (docs/results.md, "The answer turn
+    trained"); both show here before they show in greedy accuracy. ``text_tokens`` is the
+    count of positions read. The model is left in its mode.
+    """
+    start = model.config.box_token_start_id
+    was_training = model.training
+    model.eval()
+    mass = nll = 0.0
+    count = 0
+    try:
+        for first in range(0, len(traces), batch_size):
+            items = [encode_segments(processor, t.segments(), t.images) for t in traces[first:first + batch_size]]
+            batch = pad_items(processor, items, "right")
+            logits = model(**model_inputs(batch, next(model.parameters()).device)).logits[:, :-1].float().cpu()
+            labels = batch["labels"][:, 1:]
+            text = (labels != IGNORE_INDEX) & (labels < start)
+            logp = torch.log_softmax(logits, dim=-1)
+            mass += float(logp[..., start:].exp().sum(-1)[text].sum())
+            nll -= float(logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0][text].sum())
+            count += int(text.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the traces hold no trained text position to read")
+    return {"text_box_mass": mass / count, "text_nll": nll / count, "text_tokens": float(count)}
+
+
 def tempered_hit_mass(box_probs: torch.Tensor, hits: torch.Tensor, temperature: float) -> float:
     """The probability that a box sampled at `temperature` from `box_probs` (a distribution over
     the box vocabulary, i.e. the temperature-1 policy restricted to box tokens) is one of `hits`."""
@@ -137,17 +172,14 @@ def load_for_pointing(model_dir: str, device: str = "cpu") -> tuple[Any, Any, di
     tokens for a tiny model, numbers otherwise)."""
     from transformers import AutoProcessor
 
-    from agents.sft import BoxSnapper, box_vocab
-    from agents.traces import TraceOptions
+    from agents.sft import box_vocab, trace_options
     from agents.vlm.chat import load_chat_format
     from agents.vlm.env_settings import load_env_settings
     from agents.vlm.hf import load_model
 
     model = load_model(model_dir, device=device)
     env_kwargs = load_env_settings(model_dir)
-    vocab = box_vocab(model.config)
-    options = TraceOptions(box_writer=None if vocab is None else BoxSnapper(vocab),
-                           chat_format=load_chat_format(model_dir), env_kwargs=env_kwargs)
+    options = trace_options(box_vocab(model.config), load_chat_format(model_dir), env_kwargs)
     return model, AutoProcessor.from_pretrained(model_dir), env_kwargs, options
 
 

@@ -101,6 +101,14 @@ def box_vocab(model_config: Any) -> BoxVocab | None:
     return BoxVocab(model_config.pointer_grid, tuple(model_config.box_sizes))
 
 
+def trace_options(boxes: BoxVocab | None, chat_format: ChatFormat,
+                  env_kwargs: Mapping[str, Any] | None = None) -> TraceOptions:
+    """Oracle traces written as a model writes: its boxes snapped to the box tokens of `boxes`
+    (None: written as numbers), its chat format, its env settings."""
+    return TraceOptions(box_writer=None if boxes is None else BoxSnapper(boxes), chat_format=chat_format,
+                        env_kwargs=dict(env_kwargs or {}))
+
+
 def task_source(spec: TaskSpec) -> TaskSource:
     """A task source from a `TaskSpec` (one family, or a weighted mixture)."""
     if not spec:
@@ -343,8 +351,7 @@ def stage_items(config: SFTConfig, stage_index: int, processor: Any,
     """Synthesize and encode the traces of one stage, boxes snapped to the box tokens of `boxes`
     (None: written as numbers); also return the sample ids they use."""
     stage = config.stages[stage_index]
-    options = TraceOptions(box_writer=None if boxes is None else BoxSnapper(boxes), chat_format=config.chat_format,
-                           env_kwargs=dict(config.env_kwargs))
+    options = trace_options(boxes, config.chat_format, config.env_kwargs)
     traces = iter_traces(task_source(stage.tasks), stage.n_pixel, stage.n_text,
                          mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
                          seed=config.seed * 1000 + stage_index, options=options,
@@ -541,9 +548,7 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
         out.update({f"{name}{k}": v for k, v in metrics.items() if v is not None})
     if oracle_ops:
         boxes = box_vocab(model.config)
-        options = TraceOptions(box_writer=None if boxes is None else BoxSnapper(boxes), chat_format=chat_format,
-                               env_kwargs=dict(env_kwargs or {}))
-        traces = play_traces(source, sample_ids, options=options)
+        traces = play_traces(source, sample_ids, options=trace_options(boxes, chat_format, env_kwargs))
         scores = oracle_op_scores(model, processor, traces, source, batch_size)
         out.update(_family_means("acc_oracle_ops", traces, scores))
         if oracle_reading:
@@ -651,8 +656,7 @@ def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[flo
         elif pretrain.target == "view":
             images, labels, used = initial_views(source, pretrain.samples, seed, bounds.image)
         else:
-            options = TraceOptions(box_writer=BoxSnapper(box_vocab(model.config)), chat_format=config.chat_format,
-                                   env_kwargs=dict(config.env_kwargs))
+            options = trace_options(box_vocab(model.config), config.chat_format, config.env_kwargs)
             images, labels, used = glyph_crops(source, pretrain.samples, seed, options, workers=config.trace_workers,
                                                progress=config.progress)
         tower = model.model.vision if pretrain.tower == "encoder" else PointerStemTower(model.pointer,

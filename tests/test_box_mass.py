@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from agents.box_mass import exploration_report, first_box_hit_mass, hitting_boxes, tempered_hit_mass
+from agents.box_mass import (exploration_report, first_box_hit_mass, hitting_boxes, tempered_hit_mass,
+                              text_position_stats)
 from agents.sft import ZOOM_EASY, box_vocab, snap_to_box_tokens, task_source
 from agents.traces import TraceOptions, play_traces
 from agents.vlm.chat import ChatFormat
@@ -89,3 +90,21 @@ def test_exploration_report_splits_items_by_their_greedy_box() -> None:
     assert report["greedy miss"]["group_hit@1"] == pytest.approx(1 - 0.5 ** 2)  # one of 2 samples hits
     assert report["greedy hit"]["group_hit@1"] == pytest.approx(1 - 0.1 ** 2)
     assert report["all"]["hit_mass@1"] == pytest.approx((0.5 + 0.9) / 2)
+
+
+def test_text_position_stats_read_box_mass_and_nll_at_the_trained_text_positions() -> None:
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, vision_num_layers=1)
+    traces = play_traces(task_source(ZOOM_EASY), [f"zoom-read/{i}" for i in range(30, 33)],
+                         options=TraceOptions(box_writer=snap_to_box_tokens, chat_format=ChatFormat()))
+    teacher = text_position_stats(_Pointer(model.config), processor, traces, batch_size=2)
+    assert teacher["text_box_mass"] == pytest.approx(0.0, abs=1e-12)  # all mass on the oracle's next text token
+    assert teacher["text_nll"] == pytest.approx(0.0, abs=1e-12)
+    corner = model.config.box_token_start_id
+    leaking = text_position_stats(_Pointer(model.config, corner), processor, traces)
+    assert leaking["text_box_mass"] == pytest.approx(1.0) and leaking["text_nll"] == pytest.approx(60.0, rel=1e-3)
+    assert leaking["text_tokens"] == teacher["text_tokens"] > 3 * 4  # a preamble and an answer per trace
+    untrained = text_position_stats(model, processor, traces)
+    assert untrained["text_box_mass"] == 0.0 and untrained["text_nll"] > 1.0  # box tokens masked outside the slot
+    model.config.box_slot_token_id = None
+    assert 0.0 < text_position_stats(model, processor, traces)["text_box_mass"] < 1.0
