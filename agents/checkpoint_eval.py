@@ -96,7 +96,8 @@ def evaluate_run(run: str | Path, tasks: Mapping[str, Any], samples: int, text_s
             raise ValueError(f"{path} holds evaluations on other items (tasks {record.get('tasks')}, samples "
                              f"{record.get('samples')}): give the same --tasks and --samples, or another run")
     start = run_start_model(run)
-    todo = {step: weights for step, weights in run_models(run).items() if step not in {r["step"] for r in done}}
+    seen = {r["step"] for r in done}
+    todo = {step: weights for step, weights in run_models(run).items() if step not in seen}
     for step, weights in tqdm(sorted(todo.items()), desc="checkpoints", disable=not progress):
         metrics = evaluate_model(weights, start, tasks, samples, text_stats, progress=False)
         record = {"step": step, "model": weights, "tasks": dict(tasks), "samples": samples,
