@@ -55,9 +55,13 @@ def run_models(run: str | Path) -> dict[int, str]:
     return models
 
 
-def evaluate_model(weights: str, start: str, tasks: Mapping[str, Any], samples: int, text_stats: bool,
-                   progress: bool) -> dict[str, float]:
-    """Held-out metrics of the model in `weights`, played with `start`'s processor, chat format and env settings."""
+def evaluate_run(run: str | Path, tasks: Mapping[str, Any], samples: int, text_stats: bool = False,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate the steps of `run` not yet in its ``checkpoint_evals.jsonl``, appending a record
+    each; returns all records by step. The tasks and sample count must be those of the records
+    already there (else the curve would mix item sets). Every model is played with the starting
+    model's processor, chat format and env settings; the items, the answer-only bound and the
+    oracle traces of `text_stats` are the same for all of them and made once."""
     from transformers import AutoProcessor
 
     from agents.box_mass import text_position_stats
@@ -68,38 +72,33 @@ def evaluate_model(weights: str, start: str, tasks: Mapping[str, Any], samples: 
     from agents.vlm.env_settings import load_env_settings
     from agents.vlm.hf import load_model
 
-    model = load_model(weights)
-    processor = AutoProcessor.from_pretrained(start)
-    chat_format = load_chat_format(start)
-    env_kwargs = load_env_settings(start)
-    ids = eval_sample_ids(tasks, samples, SFTConfig.eval_seed, set())
-    metrics = evaluate(model, processor, chat_format, tasks, ids, progress=progress,
-                       env_kwargs=env_kwargs) | answer_only_bound(tasks, ids)
-    vocab = box_vocab(model.config)
-    if text_stats and vocab is not None:
-        options = trace_options(vocab, chat_format, env_kwargs)
-        traces = [t for t in play_traces(task_source(tasks), ids, options=options) if t.kind == "image/single"]
-        if traces:
-            metrics |= text_position_stats(model, processor, traces)
-    return metrics
-
-
-def evaluate_run(run: str | Path, tasks: Mapping[str, Any], samples: int, text_stats: bool = False,
-                 progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate the steps of `run` not yet in its ``checkpoint_evals.jsonl``, appending a record
-    each; returns all records by step. The tasks and sample count must be those of the records
-    already there (else the curve would mix item sets)."""
     path = Path(run) / EVALS_FILE
     done = read_metrics(path) if path.is_file() else []
     for record in done:
         if record.get("tasks") != dict(tasks) or record.get("samples") != samples:
             raise ValueError(f"{path} holds evaluations on other items (tasks {record.get('tasks')}, samples "
                              f"{record.get('samples')}): give the same --tasks and --samples, or another run")
-    start = run_start_model(run)
     seen = {r["step"] for r in done}
     todo = {step: weights for step, weights in run_models(run).items() if step not in seen}
+    if not todo:
+        return sorted(done, key=lambda r: r["step"])
+    start = run_start_model(run)
+    processor = AutoProcessor.from_pretrained(start)
+    chat_format, env_kwargs = load_chat_format(start), load_env_settings(start)
+    ids = eval_sample_ids(tasks, samples, SFTConfig.eval_seed, set())
+    bound = answer_only_bound(tasks, ids)
+    traces = None  # oracle traces for text_stats, written with the box tokens of the first model loaded
     for step, weights in tqdm(sorted(todo.items()), desc="checkpoints", disable=not progress):
-        metrics = evaluate_model(weights, start, tasks, samples, text_stats, progress=False)
+        model = load_model(weights)
+        metrics = evaluate(model, processor, chat_format, tasks, ids, env_kwargs=env_kwargs) | bound
+        vocab = box_vocab(model.config)
+        if text_stats and vocab is not None:
+            if traces is None:
+                traces = [t for t in play_traces(task_source(tasks), ids,
+                                                 options=trace_options(vocab, chat_format, env_kwargs))
+                          if t.kind == "image/single"]
+            if traces:
+                metrics |= text_position_stats(model, processor, traces)
         record = {"step": step, "model": weights, "tasks": dict(tasks), "samples": samples,
                   **{PREFIX + k: v for k, v in metrics.items()}}
         with path.open("a", encoding="utf-8") as handle:

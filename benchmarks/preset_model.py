@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.sft import PRESETS, TINY_SYSTEM, BoxSnapper, box_vocab
-from agents.traces import Trace, TraceMix, TraceOptions, synthesize_traces
+from agents.sft import PRESETS, TINY_SYSTEM, box_vocab, trace_options
+from agents.traces import Trace, TraceMix, synthesize_traces
 from agents.vlm.chat import ChatFormat
 from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
 
@@ -19,6 +19,6 @@ def preset_model_and_traces(overrides: dict[str, Any], n_traces: int) -> tuple[A
     model = build_tiny_model(processor, seed=0, **shape)
     chat = ChatFormat(system=TINY_SYSTEM, question_first=True)
     traces = synthesize_traces("zoom-read", n_traces, 0, mix=TraceMix(image={"image/single": 1.0}, video_share=0.0),
-                               seed=0, options=TraceOptions(box_writer=BoxSnapper(boxes), chat_format=chat),
+                               seed=0, options=trace_options(boxes, chat),
                                progress=False)
     return model, processor, traces
