@@ -430,7 +430,7 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
     # Logits only where some row has a label (the LM head over the whole vocabulary is a
     # large share of a small model's step); position t predicts token t + 1.
     positions = (labels != IGNORE_INDEX).any(0).nonzero().flatten()
-    logits = model(**inputs, logits_to_keep=positions).logits.float()
+    logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits.float()
     labels = labels[:, positions]
     keep = labels != IGNORE_INDEX
     logprobs = F.log_softmax(logits[keep], dim=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -554,3 +555,48 @@ def test_box_tokens_get_mass_only_after_the_token_that_opens_a_box(processor):
     assert masked[-1] > 0.5 and masked[~is_slot].max() == 0
     model.config.box_slot_token_id = None
     assert box_mass()[~is_slot].min() > 0.5
+
+
+def test_box_logits_at_slots_alone_match_the_full_computation(processor):
+    """The slot-only box logits and gradients equal those computed at every position and then
+    masked; a forward without a cache whose kept positions hold no slot skips the pointer keys
+    (nothing of the pointer runs, the text logits are unchanged)."""
+    model = build_tiny_model(processor, seed=0, pointer_match=True, pointer_stem=True, hidden_size=64,
+                             intermediate_size=128)
+    with torch.no_grad():
+        model.pointer.match_question.weight.normal_(0, 0.1)
+        model.pointer.stem_out.weight.normal_(0, 0.1)
+    conv = Conversation(question_first=True)
+    conv.add_observation({"text": "What digit is written on the red square?", "images": (_image(0, (224, 224)),)})
+    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text + "Let me zoom in.\n" + CALL_PREFIX, text + "Zoom.\n" + CALL_PREFIX],
+                       images=conv.images * 2, return_tensors="pt", padding=True)
+    slot = model.config.box_slot_token_id
+
+    def logits_and_grads(slot_id: int | None, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        model.config.box_slot_token_id = slot_id
+        logits = model(**inputs, **kwargs).logits
+        if slot_id is None:  # the mask applied after computing every position's box logits
+            start = model.config.box_token_start_id
+            logits = torch.cat([logits[..., :start], logits[..., start:].masked_fill(
+                (inputs["input_ids"] != slot)[..., None], torch.finfo(logits.dtype).min)], -1)
+        logits.log_softmax(-1)[..., -1, :].max(-1).values.sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = logits_and_grads(None)
+    at_slots, slot_grads = logits_and_grads(slot, use_cache=False)
+    torch.testing.assert_close(at_slots, full)
+    assert full_grads.keys() == slot_grads.keys() and any(n.startswith("pointer.stem") for n in slot_grads)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(slot_grads[name], grad, msg=name)
+
+    calls = []
+    keys = model.image_one_keys
+    model.image_one_keys = lambda *args: calls.append(1) or keys(*args)
+    text_only = (inputs["input_ids"] != slot).all(0).nonzero().flatten()  # every position but the slots
+    out = model(**inputs, logits_to_keep=text_only, use_cache=False)
+    assert calls == [] and not out.pointer_valid.any()
+    torch.testing.assert_close(out.logits, at_slots[:, text_only])
+    model(**inputs, logits_to_keep=text_only, use_cache=True)  # a cache carries the keys on: computed
+    assert calls == [1]

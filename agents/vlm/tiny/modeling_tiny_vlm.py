@@ -30,6 +30,10 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
 The keys of image 1 are computed where its tokens are in the input and returned as
 ``pointer_keys`` / ``pointer_valid``; `generate` carries them to the decoding steps. A
 forward whose input does not hold image 1 (a continuation on a cache) must be given them.
+With ``box_slot_token_id`` set, box logits are computed at the box slots alone, and a
+forward without a cache (``use_cache=False``) whose kept positions hold no slot skips the
+keys (returned as zeros, invalid): a training step on text answers spends nothing on the
+pointer (a fifth of a reading step).
 Beam search is not supported (the carried keys are not reordered).
 """
 
@@ -345,6 +349,7 @@ class TinyVLMPointerHead(nn.Module):
                                              nn.Conv2d(c, config.pointer_dim, 3, padding=1))
             self.match_question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False)
         self.key_width = config.pointer_dim + (1 if config.pointer_match else 0)
+        self.num_boxes = config.pointer_grid ** 2 * self.num_sizes
 
     def cell_index(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For each pointer cell (row-major), the index of the image token under its centre and
@@ -639,6 +644,15 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
             valid = torch.zeros_like(valid)
         return self.pointer.keys(keys, parts, asked, match), valid
 
+    def slot_box_logits(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                        slot: torch.Tensor) -> torch.Tensor:
+        """``(B, L, cells * sizes)`` box logits, computed at the `slot` positions alone (the
+        others get no mass, ``finfo.min``): a step's labelled positions are mostly text."""
+        rows, positions = slot.nonzero(as_tuple=True)
+        picked = self.pointer(hidden[rows, positions][:, None], keys[rows], valid[rows])[:, 0]
+        boxes = picked.new_full((*hidden.shape[:2], self.pointer.num_boxes), torch.finfo(picked.dtype).min)
+        return boxes.index_put((rows, positions), picked)
+
     @can_return_tuple
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Cache | None = None,
@@ -660,20 +674,25 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                              cache=cache, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
                              image_grid_thw=image_grid_thw, use_cache=use_cache)
         hidden = outputs.last_hidden_state
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        slot = None
+        if self.config.box_slot_token_id is not None and input_ids is not None:
+            slot = (input_ids == self.config.box_slot_token_id)[:, kept]
         if pointer_keys is None:
-            if input_ids is None:
+            use_cache = self.config.use_cache if use_cache is None else use_cache
+            if input_ids is None or slot is not None and not use_cache and not bool(slot.any()):
+                # no box token can follow a kept position and no cache carries the keys on
                 pointer_keys = hidden.new_zeros(hidden.shape[0], self.config.pointer_grid ** 2, self.pointer.key_width)
                 pointer_valid = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
             else:
                 pointer_keys, pointer_valid = self.image_one_keys(hidden, input_ids, image_grid_thw, pixel_values)
         elif pointer_valid is None:
             raise ValueError("pointer_keys need pointer_valid (both come in the model's output)")
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         hidden = hidden[:, kept]
-        boxes = self.pointer(hidden, pointer_keys, pointer_valid)
-        if self.config.box_slot_token_id is not None and input_ids is not None:
-            slot = (input_ids == self.config.box_slot_token_id)[:, kept]
-            boxes = boxes.masked_fill(~slot[..., None], torch.finfo(boxes.dtype).min)
+        if slot is None:
+            boxes = self.pointer(hidden, pointer_keys, pointer_valid)
+        else:
+            boxes = self.slot_box_logits(hidden, pointer_keys, pointer_valid, slot)
         logits = torch.cat([self.lm_head(hidden), boxes], dim=-1)
         loss = None
         if labels is not None:
