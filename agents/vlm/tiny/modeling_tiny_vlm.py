@@ -33,7 +33,7 @@ forward whose input does not hold image 1 (a continuation on a cache) must be gi
 With ``box_slot_token_id`` set, box logits are computed at the box slots alone, and a
 forward without a cache (``use_cache=False``) whose kept positions hold no slot skips the
 keys (returned as zeros, invalid): a training step on text answers spends nothing on the
-pointer (a fifth of a reading step).
+pointer (about 0.3 of a reading step's time).
 Beam search is not supported (the carried keys are not reordered).
 """
 
