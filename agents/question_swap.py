@@ -3,7 +3,8 @@
 A policy that crops the right object in a scene with one candidate may have learned only
 where candidates sit. This probe takes items that hold other objects of the kind the
 question names (zoom-read ``read`` / ``read-choice``: another glyph-bearing tag; chart
-``bar``: another bar), rewrites the question to name one of them, and lets the model write
+``bar``: another bar, ``poster``: another panel, ``table``: a cell of another row and
+column), rewrites the question to name one of them, and lets the model write
 its first turn greedily for both questions on the same image. Per item it records where
 the first crop lands:
 
@@ -68,10 +69,17 @@ def swap_for(sample: Sample) -> Swap | None:
             return None
         return Swap(f"the {target['colour']} {target['shape']}", f"the {others[0]['colour']} {others[0]['shape']}",
                     tuple(others[0]["box"]))
-    if sample.family == "chart" and meta.get("kind") == "bar":
+    if sample.family == "chart" and meta.get("kind") in ("bar", "poster", "table"):
         target = meta["target"]
-        others = [v for v in meta["values"] if not v["target"]]
-        return Swap(f"the {target['colour']} bar", f"the {others[0]['colour']} bar", tuple(others[0]["box"]))
+        if meta["kind"] == "table":  # another row and another column: the asked cell shares neither
+            others = [v for v in meta["values"] if v["row"] != target["row"] and v["column"] != target["column"]]
+            name = "for {row} in {column}"
+        else:
+            others = [v for v in meta["values"] if not v["target"]]
+            name = "the {colour} bar" if meta["kind"] == "bar" else "the {heading} panel"
+        if not others:
+            return None
+        return Swap(name.format(**target), name.format(**others[0]), tuple(others[0]["box"]))
     return None
 
 

@@ -26,12 +26,16 @@ from agents import distributed
 from agents.traces import TraceMix, TraceOptions, synthesize_traces
 from pxr_env.ops import smart_resize
 from pxr_env.tasks import TaskSource
+from pxr_env.tasks.synthetic.chart import WORDS
 from pxr_env.tasks.synthetic.common import COLOUR_NAMES, DIGITS, LETTERS, SHAPES, crop_view
 
 GLYPHS: tuple[str, ...] = (*DIGITS, *LETTERS)
 """The classes of the glyph head: every glyph the zoom-read family draws."""
-OBJECTS: tuple[str, ...] = (*GLYPHS, *(f"{colour} {shape}" for shape in SHAPES for colour in COLOUR_NAMES))
-"""The classes of the dense head: the glyphs of charts and the coloured shapes of counts."""
+OBJECTS: tuple[str, ...] = (*GLYPHS, *(f"{colour} {shape}" for shape in SHAPES for colour in COLOUR_NAMES), *WORDS)
+"""The classes of the dense head: the glyphs of charts, the coloured shapes of counts and the
+words that name a chart's parts."""
+REGION_LATTICE = 56
+"""Points per side of the page at which a chart region marks the tokens it covers (finer than any token grid)."""
 
 Points = list[tuple[float, float, int]]
 """Objects a crop shows: centre ``(x, y)`` as fractions of the crop's width and height, index in `OBJECTS`."""
@@ -48,8 +52,9 @@ class VisionPretrainConfig:
     (`glyph_crops`); ``"dense"``: mark
     on every token the glyphs and coloured shapes whose centre it holds, on crops around
     the evidence of chart, count and zoom-read samples (`evidence_crops`); ``"view"``: mark
-    on every token the coloured shapes whose centre it holds, on the initial views
-    (`initial_views`), where the policy points."""
+    on every token of the initial views (`initial_views`), where the policy points, the
+    coloured shapes whose centre it holds (count, zoom-read) or the words that name the part
+    of a chart it lies in (a table cell's row and column, a panel's heading)."""
     glyph_head: str = "token"
     """Where the glyph target's head reads: ``"token"``, the token that holds the glyph's centre
     (it leaves the loss of the class prior within 100-200 steps), or ``"pooled"``, the image's
@@ -125,7 +130,7 @@ def _shown_objects(sample: Any, glyphs: bool = True) -> list[tuple[tuple[float, 
                  (tag["glyph_box"], OBJECTS.index(tag["glyph"])))[:2 if glyphs else 1]]
     if sample.family == "chart":
         if not glyphs:
-            raise ValueError("a chart shows glyphs only: the view target has nothing to mark on it")
+            raise ValueError("a chart's view target is its regions' words (`region_points`), not shapes")
         return [(box, OBJECTS.index(char)) for value in sample.meta["values"]
                 for char, box in zip(value["text"], value["glyph_boxes"]) if char in GLYPHS]
     if sample.family == "count":
@@ -163,11 +168,27 @@ def evidence_crops(source: TaskSource, n: int, seed: int, crop_bounds: tuple[int
     return images, points, ids
 
 
+def region_points(sample: Any, width: int, height: int) -> Points:
+    """`Points` of a chart's ``regions`` on a lattice of `REGION_LATTICE` a side: every token a
+    region covers is marked with the words that name it, so that a token in a poster panel
+    says the panel's heading however far the heading is drawn from it."""
+    lattice = (np.arange(REGION_LATTICE) + 0.5) / REGION_LATTICE
+    points = []
+    for region in sample.meta["regions"]:
+        left, top, right, bottom = region["box"]
+        xs = lattice[(lattice * width >= left) & (lattice * width < right)]
+        ys = lattice[(lattice * height >= top) & (lattice * height < bottom)]
+        points += [(float(x), float(y), OBJECTS.index(word)) for word in region["words"] for y in ys for x in xs]
+    return points
+
+
 def initial_views(source: TaskSource, n: int, seed: int, image_bounds: tuple[int, int]
                   ) -> tuple[list[np.ndarray], list[Points], list[str]]:
-    """The initial views (as the env shows them at reset) of `n` count or zoom-read samples, with
-    the coloured shapes each shows (`Points`, glyphs left out) and its sample id: what a token
-    of the view the pointer chooses among holds (zoom-read: which tag of which colour)."""
+    """The initial views (as the env shows them at reset) of `n` count, zoom-read or chart samples,
+    with what each token shows (`Points`) and the sample ids: what a token of the view the
+    pointer chooses among holds. Count and zoom-read: the coloured shapes at their centres (which
+    tag of which colour; glyphs left out, they are illegible there); chart: the words naming the
+    region each token lies in (`region_points`), which questions name the asked value by."""
     rng = np.random.default_rng([seed, 13])
     images, points, ids = [], [], []
     for _ in range(n):
@@ -175,7 +196,8 @@ def initial_views(source: TaskSource, n: int, seed: int, image_bounds: tuple[int
         image = sample.load_image()
         height, width = image.shape[:2]
         images.append(smart_resize(image, image_bounds))
-        points.append([(((b[0] + b[2]) / 2) / width, ((b[1] + b[3]) / 2) / height, index)
+        points.append(region_points(sample, width, height) if sample.family == "chart" else
+                      [(((b[0] + b[2]) / 2) / width, ((b[1] + b[3]) / 2) / height, index)
                        for b, index in _shown_objects(sample, glyphs=False)])
         ids.append(sample.sample_id)
     return images, points, ids

@@ -30,6 +30,18 @@ def test_swap_names_another_object_of_the_image() -> None:
         else:
             assert any(f"{v['colour']} bar" == named and tuple(v["box"]) == swap.other_box
                        for v in sample.meta["values"] if not v["target"])
+    pages = task_source({"chart": {"questions": ["poster", "table"], "shortcut_share": 0.0}})
+    for seed in range(10, 22):  # panels are renamed by heading, table cells by row and column
+        sample = pages.get(f"chart/{seed}")
+        swap = swap_for(sample)
+        assert swap is not None and sample.question.count(swap.phrase) == 1
+        other = next(v for v in sample.meta["values"] if tuple(v["box"]) == swap.other_box)
+        assert not other["target"]
+        if sample.meta["kind"] == "poster":
+            assert swap.replacement == f"the {other['heading']} panel"
+        else:
+            assert swap.replacement == f"for {other['row']} in {other['column']}"
+            assert other["row"] != sample.meta["target"]["row"] and other["column"] != sample.meta["target"]["column"]
     easy = task_source(ZOOM_EASY)
     assert swap_for(easy.get("zoom-read/10")) is None  # the only tag: nothing to rename it into
 

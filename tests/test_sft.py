@@ -342,6 +342,37 @@ def test_initial_views_mark_tag_colours_and_train_the_pointer_stem_alone() -> No
         VisionPretrainConfig(target="glyph", tower="pointer")
 
 
+def test_chart_views_mark_every_token_of_a_region_with_the_words_naming_it() -> None:
+    from agents.vision_pretrain import OBJECTS, VisionPretrainConfig, initial_views, pretrain_vision, token_targets
+    from pxr_env.tasks.synthetic import Chart
+
+    chart = Chart(questions=("poster", "table"), shortcut_share=0.0)
+    images, points, ids = initial_views(chart, 8, seed=0, image_bounds=(50176, 50176))
+    for image, p, sample_id in zip(images, points, ids):
+        sample = chart.get(sample_id)
+        poster = sample.meta["kind"] == "poster"
+        values = sample.meta["values"]
+        assert {OBJECTS[i] for *_, i in p} == ({v["heading"] for v in values} if poster else
+                                               {v["row"] for v in values} | {v["column"] for v in values})
+        grid_h, grid_w = image.shape[0] // 16, image.shape[1] // 16
+        marked = token_targets(p, grid_h, grid_w)
+        height, width = sample.load_image().shape[:2]
+        for value in values:  # the token under every value names it as a question would
+            left, top, right, bottom = value["box"]
+            token = int((top + bottom) / 2 / height * grid_h) * grid_w + int((left + right) / 2 / width * grid_w)
+            named = {value["heading"]} if poster else {value["row"], value["column"]}
+            assert named <= {OBJECTS[i] for i in marked[token].nonzero().flatten().tolist()}  # a token of 16 px
+            # can also cover a neighbouring table row (rows are about 10 px apart in the view)
+
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL)
+    records = []
+    pretrain_vision(model.model.vision, processor.image_processor, images, points,
+                    VisionPretrainConfig(target="view", samples=8, steps=60, batch_size=4, lr=1e-2, held_out=2),
+                    log=lambda step, r: records.append(r))
+    assert records[1]["pretrain/loss"] < 0.5 * records[0]["pretrain/loss"]
+
+
 def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path) -> None:
     pretrain = {"samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
     cfg = config(tmp_path, vision_pretrain=pretrain, checkpoint_every=1)

@@ -226,3 +226,27 @@ def test_read_choice_letters_never_read_as_another_options_letter():
         sample = source.get(f"zoom-read/{seed}")
         assert not set(sample.choices) & set("ABCD")
         assert {t["glyph"] for t in sample.meta["tags"]}.isdisjoint("ABCD")
+
+
+def test_chart_regions_name_the_parts_a_question_names() -> None:
+    """Every value lies in a region named by the words its question would use for it."""
+    def holding(regions: list[dict], box: tuple) -> list[list[str]]:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        return [r["words"] for r in regions if r["box"][0] <= cx < r["box"][2] and r["box"][1] <= cy < r["box"][3]]
+
+    for kind in ("bar", "table", "poster"):
+        source = FAMILIES["chart"](questions=(kind,))
+        for seed in range(6):
+            sample = source.get(f"chart/{seed}")
+            regions = sample.meta["regions"]
+            for value in sample.meta["values"]:
+                named = {"bar": [value.get("category")], "table": [value.get("row"), value.get("column")],
+                         "poster": [value.get("heading")]}[kind]
+                assert named in holding(regions, value["box"])
+            if kind == "table":  # row labels and column headers are regions of their own
+                assert {w for r in regions if len(r["words"]) == 1 for w in r["words"]} == \
+                    {v["row"] for v in sample.meta["values"]} | {v["column"] for v in sample.meta["values"]}
+            target = sample.meta["target"]
+            assert all(word in sample.question for word in
+                       {"bar": [], "table": [target.get("row"), target.get("column")],
+                        "poster": [target.get("heading")]}[kind])

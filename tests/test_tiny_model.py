@@ -401,14 +401,17 @@ def test_bidirectional_images_let_image_tokens_see_later_ones_only_within_their_
     _assert_round_trips(model, batch, tmp_path)
 
 
-@pytest.mark.parametrize("option, branch", [("pointer_question", "question"), ("pointer_match", "match_question")])
-def test_question_branches_of_the_pointer_start_at_zero_and_read_the_question(processor, tmp_path, option, branch):
+@pytest.mark.parametrize("options, branch", [({"pointer_question": True}, "question"),
+                                             ({"pointer_match": True}, "match_question"),
+                                             ({"pointer_match": True, "pointer_match_features": "encoder"},
+                                              "match_question")])
+def test_question_branches_of_the_pointer_start_at_zero_and_read_the_question(processor, tmp_path, options, branch):
     """With ``pointer_question`` (a gate on the keys) or ``pointer_match`` (a question-match
-    term per cell) the box logits depend on the text before image 1 through a map that starts
-    at zero (a new branch leaves a model's outputs as they were, also when it is added to a
-    saved checkpoint); cached generation and save/load keep it."""
+    term per cell, from pixel or encoder features) the box logits depend on the text before
+    image 1 through a map that starts at zero (a new branch leaves a model's outputs as they
+    were, also when it is added to a saved checkpoint); cached generation and save/load keep it."""
     small = dict(hidden_size=64, intermediate_size=128)
-    model = build_tiny_model(processor, seed=0, **{option: True}, **small).eval()
+    model = build_tiny_model(processor, seed=0, **options, **small).eval()
     question_map = getattr(model.pointer, branch)
     assert question_map.weight.abs().sum() == 0
 
@@ -447,7 +450,7 @@ def test_question_branches_of_the_pointer_start_at_zero_and_read_the_question(pr
     checkpoint = tmp_path / "without"
     plain.save_pretrained(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, option: True}))
+    (checkpoint / "config.json").write_text(json.dumps({**config, **options}))
     added = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()  # the branch is new to this checkpoint
     assert getattr(added.pointer, branch).weight.abs().sum() == 0
     torch.testing.assert_close(box_logits(added, red), box_logits(plain, red))
@@ -478,6 +481,42 @@ def test_pointer_match_gets_a_gradient_at_its_zero_start(processor):
                                                     model.pointer.match_features)[0])
     change = (features[1] - features[0]).abs().sum(-1).view(grid, grid)
     assert change[1, 1] > 0 and change[grid - 1, grid - 1] == 0  # the blob's cell and its neighbours, not far away
+
+
+def test_encoder_match_features_follow_the_encoders_token_under_each_cell(processor):
+    """With ``pointer_match_features="encoder"`` the match term of a cell is the question map
+    dotted with a linear map of the encoder's token under the cell: scaling the encoder's
+    output of one token changes the match column of that token's cells alone."""
+    model = build_tiny_model(processor, seed=0, pointer_match=True, pointer_match_features="encoder",
+                             hidden_size=64, intermediate_size=128).eval()
+    assert model.pointer.match_pixels is None and model.pointer.match_tokens is not None
+    with torch.no_grad():
+        model.pointer.match_question.weight.normal_(0, 0.5)
+    conv = Conversation(question_first=True)
+    conv.add_observation({"text": "What is the code printed in the Budget panel?", "images": (_image(0, (224, 224)),)})
+    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
+    grid = model.config.pointer_grid
+
+    def match_column() -> torch.Tensor:
+        with torch.no_grad():
+            hidden = model.model(**inputs).last_hidden_state
+            keys, _ = model.image_one_keys(hidden, inputs["input_ids"], inputs["image_grid_thw"], inputs["pixel_values"])
+        return keys[0, :, -1].view(grid, grid)
+
+    before = match_column()
+    frame_tokens = model.model.vision.frame_tokens
+
+    def boosted(frames: torch.Tensor) -> torch.Tensor:
+        tokens = frame_tokens(frames).clone()
+        tokens[:, 0] *= 3.0  # the top-left token of image 1
+        return tokens
+
+    model.model.vision.frame_tokens = boosted
+    change = (match_column() - before).abs()
+    cells_per_token = grid // 14
+    assert change[:cells_per_token, :cells_per_token].min() > 0
+    assert change[cells_per_token:, :].max() == 0 and change[:, cells_per_token:].max() == 0
 
 
 def test_unique_images_finds_copies_in_any_order_and_reconstructs_the_batch():

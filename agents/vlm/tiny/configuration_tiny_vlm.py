@@ -66,6 +66,11 @@ class TinyVLMConfig(PreTrainedConfig):
             so the gradient reaches ``A`` at once: unlike the gate, whose keys first need
             colour features, it binds the colour the question names to the cells holding it
             (docs/results.md).
+        pointer_match_features: where the match term's ``f`` comes from: ``"pixels"`` (as
+            above: colour) or ``"encoder"``, a linear map of the image encoder's token under
+            each cell, for what the pixels of one cell do not show but the encoder can be
+            taught to name there (e.g. the heading of the poster panel the cell lies in,
+            `agents.vision_pretrain`'s ``"view"`` target on charts).
         bidirectional_images: in the decoder, the tokens of each image attend to each other
             both ways (the rest stays causal). Causally, an image token sees only the tokens
             above and left of it, so the pointer's key of a chart value cannot take in the
@@ -107,6 +112,7 @@ class TinyVLMConfig(PreTrainedConfig):
     pointer_stem: bool = False
     pointer_question: bool = False
     pointer_match: bool = False
+    pointer_match_features: str = "pixels"
     bidirectional_images: bool = False
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
@@ -139,6 +145,8 @@ class TinyVLMConfig(PreTrainedConfig):
                              f"got {self.stem_channels}, {self.hidden_size}")
         if self.image_summary and self.hidden_size % 8:
             raise ValueError(f"image_summary needs hidden_size divisible by 8 (its GroupNorm groups), got {self.hidden_size}")
+        if self.pointer_match_features not in ("pixels", "encoder"):
+            raise ValueError(f"pointer_match_features must be 'pixels' or 'encoder', got {self.pointer_match_features!r}")
         if self.pointer_subcells < 1:
             raise ValueError(f"pointer_subcells must be at least 1, got {self.pointer_subcells}")
         if self.patch_size % 8:

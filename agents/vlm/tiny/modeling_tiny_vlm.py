@@ -324,8 +324,9 @@ class TinyVLMPointerHead(nn.Module):
     With ``pointer_match`` each cell's logit gets a question-match term ``(A u) . f_cell``:
     ``f_cell`` comes from per-pixel features of image 1, max-pooled over the cell (a small
     object's colour survives the pooling) and mixed with the neighbouring cells by two 3x3
-    convs; ``u`` is the end of the question and ``A`` starts at zero. The term is kept as
-    one more key column, so cached keys carry it through generation.
+    convs, or (``pointer_match_features="encoder"``) from the image encoder's token under the
+    cell through a linear map; ``u`` is the end of the question and ``A`` starts at zero.
+    The term is kept as one more key column, so cached keys carry it through generation.
     """
 
     def __init__(self, config: TinyVLMConfig) -> None:
@@ -341,12 +342,15 @@ class TinyVLMPointerHead(nn.Module):
         self.size = nn.Linear(config.hidden_size, self.num_sizes, bias=False)
         self.size_bias = nn.Parameter(torch.zeros(self.num_sizes))
         self.question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False) if config.pointer_question else None
-        self.match_pixels = self.match_cells = self.match_question = None
-        if config.pointer_match:
+        self.match_pixels = self.match_cells = self.match_tokens = self.match_question = None
+        if config.pointer_match and config.pointer_match_features == "encoder":
+            self.match_tokens = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        elif config.pointer_match:
             c = config.stem_channels
             self.match_pixels = nn.Sequential(nn.Conv2d(3, c, 1), nn.GELU(), nn.Conv2d(c, c, 1))
             self.match_cells = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
                                              nn.Conv2d(c, config.pointer_dim, 3, padding=1))
+        if config.pointer_match:
             self.match_question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False)
         self.key_width = config.pointer_dim + (1 if config.pointer_match else 0)
         self.num_boxes = config.pointer_grid ** 2 * self.num_sizes
@@ -631,7 +635,9 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 if self.pointer.stem is not None:
                     stem = self.pointer.per_image(pixels, image_grid_thw, firsts, self.pointer.stem_features)
                 if match is not None:
-                    cells = self.pointer.per_image(pixels, image_grid_thw, firsts, self.pointer.match_features)
+                    cells = self.pointer.per_image(pixels, image_grid_thw, firsts,
+                                                   self.model.vision.frame_tokens if self.pointer.match_tokens
+                                                   is not None else self.pointer.match_features)
             for j, b in enumerate(rows):
                 _, grid_h, grid_w = (int(v) for v in image_grid_thw[first_image[b]])
                 start = int(starts[b].nonzero()[0])
@@ -639,7 +645,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 keys[b] = hidden[b, start + tokens] + (stem[j][tokens] if stem is not None else 0)
                 asked[b] = hidden[b, max(start - 2, 0)]  # before <|vision_start|>: the end of the question
                 if cells is not None:
-                    match[b] = cells[j]
+                    match[b] = cells[j] if self.pointer.match_tokens is None else self.pointer.match_tokens(cells[j][tokens])
         else:
             valid = torch.zeros_like(valid)
         return self.pointer.keys(keys, parts, asked, match), valid

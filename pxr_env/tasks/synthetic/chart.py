@@ -10,7 +10,9 @@ one's way), the values asked about in the glyph font (small). Kinds:
 - ``poster``: coloured panels, each with a heading and a small code: "What is the code
   printed in the Budget panel?".
 
-Answers are open strings scored with ANLS; the evidence box is the value's box. Tiers
+Answers are open strings scored with ANLS; the evidence box is the value's box. The meta's
+``regions`` name the page's parts: each is a box with the words a question uses for what lies
+in it (a bar's slot: its category; a table cell: its row and column; a panel: its heading). Tiers
 (glyph heights in the tiny preset's initial view, about 224 px a side): ``shortcut``
 11-16 px (fewer, bigger values: readable at once), ``easy`` 3.6-4.5 px, ``hard`` 2.4-3.2 px.
 """
@@ -33,8 +35,13 @@ from pxr_env.tasks.synthetic.common import (
 QUESTION_KINDS: tuple[str, ...] = ("bar", "table", "poster")
 CATEGORIES: tuple[str, ...] = ("apples", "pears", "plums", "grapes", "melons", "lemons", "cherries", "figs")
 HEADINGS: tuple[str, ...] = ("Sales", "Visitors", "Budget", "Staff", "Orders", "Returns", "Energy", "Traffic")
+YEARS: tuple[str, ...] = tuple(str(year) for year in range(2018, 2023))
+WORDS: tuple[str, ...] = (*CATEGORIES, *HEADINGS, *YEARS)
+"""Every word a page uses to name its parts (bar labels, table rows and columns, panel headings)."""
 TITLES: tuple[str, ...] = ("Annual report", "Harvest survey", "Quarterly figures", "Market overview",
                            "Regional summary", "Fact sheet")
+Region = dict[str, Any]
+"""A part of a page: ``{"box": (left, top, right, bottom), "words": [...]}``, the words from `WORDS`."""
 _BAR_COLOURS = tuple(c for c in COLOUR_NAMES if c not in ("white", "gray"))
 
 
@@ -86,7 +93,7 @@ class Chart(SyntheticSource):
         draw.text((0.05 * width, 0.03 * height), title, fill=(20, 20, 20), font=label_font(int(0.05 * scale)))
         body = (0.05 * width, 0.03 * height + 0.09 * scale, 0.95 * width, 0.95 * height)
         page = {"bar": self._bar, "table": self._table, "poster": self._poster}[kind]
-        question, answer, values = page(rng, draw, body, glyph_h, scale, tier)
+        question, answer, values, regions = page(rng, draw, body, glyph_h, scale, tier)
         canvas = np.array(image)
         for value in values:  # the glyph-font strings, drawn after the PIL layer
             value["glyph_boxes"] = draw_text(canvas, value["text"], value["left"], value["top"], value["height"],
@@ -102,6 +109,7 @@ class Chart(SyntheticSource):
             "glyph_px_tiny_view": float(target["height"] * 224.0 / scale),
             "target": target,
             "values": values,
+            "regions": regions,
         }
         return Sample(
             sample_id=self.sample_id(seed), family=self.name, question=question, answers=(answer,),
@@ -111,7 +119,7 @@ class Chart(SyntheticSource):
 
     # ------------------------------------------------------------------ pages
     def _bar(self, rng: np.random.Generator, draw: ImageDraw.ImageDraw, body: Box,
-             glyph_h: float, scale: float, tier: str) -> tuple[str, str, list[dict[str, Any]]]:
+             glyph_h: float, scale: float, tier: str) -> tuple[str, str, list[dict[str, Any]], list[Region]]:
         x1, y1, x2, y2 = body
         label_h = int(0.035 * scale)
         digits = 3
@@ -127,9 +135,10 @@ class Chart(SyntheticSource):
         slot = (x2 - x1) / k
         bar_w = max(slot * 0.6, value_w * 1.1)
         draw.line([(x1, base), (x2, base)], fill=(40, 40, 40), width=max(2, int(0.003 * scale)))
-        values = []
+        values, regions = [], []
         for i in range(k):
             cx = x1 + slot * (i + 0.5)
+            regions.append({"box": (cx - slot / 2, y1, cx + slot / 2, y2), "words": [categories[i]]})
             bar_top = base - (base - top_limit) * numbers[i] / numbers.max()
             draw.rectangle((cx - bar_w / 2, bar_top, cx + bar_w / 2, base), fill=PALETTE[colours[i]])
             font = label_font(label_h)
@@ -140,10 +149,10 @@ class Chart(SyntheticSource):
                            "height": glyph_h, "colour": colours[i], "category": categories[i]})
         t = int(rng.integers(k))
         values[t]["target"] = True
-        return f"What value is printed above the {colours[t]} bar?", values[t]["text"], values
+        return f"What value is printed above the {colours[t]} bar?", values[t]["text"], values, regions
 
     def _table(self, rng: np.random.Generator, draw: ImageDraw.ImageDraw, body: Box,
-               glyph_h: float, scale: float, tier: str) -> tuple[str, str, list[dict[str, Any]]]:
+               glyph_h: float, scale: float, tier: str) -> tuple[str, str, list[dict[str, Any]], list[Region]]:
         x1, y1, x2, y2 = body
         label_h = int(0.03 * scale)
         font = label_font(label_h)
@@ -157,21 +166,25 @@ class Chart(SyntheticSource):
         rows = max(1, min(int(rng.integers(4, 8)), max_rows, len(CATEGORIES)))
         if tier == "shortcut":
             cols, rows = min(cols, 3), min(rows, 4)
-        years = [str(y) for y in range(2018, 2018 + cols)]
+        years = list(YEARS[:cols])
         row_names = [CATEGORIES[i] for i in rng.permutation(len(CATEGORIES))[:rows]]
         stripe = tuple(int(v) for v in rng.integers(200, 236, size=3))
-        values = []
+        values, regions = [], []
         draw.rectangle((x1, y1, x1 + first_col + cols * cell_w, y1 + cell_h), fill=stripe)
         for c, year in enumerate(years):
+            left = x1 + first_col + c * cell_w
+            regions.append({"box": (left, y1, left + cell_w, y1 + cell_h), "words": [year]})
             draw.text((x1 + first_col + (c + 0.5) * cell_w, y1 + cell_h / 2), year, fill=(20, 20, 20),
                       font=font, anchor="mm")
         for r, row_name in enumerate(row_names):
             top = y1 + (r + 1) * cell_h
             draw.line([(x1, top), (x1 + first_col + cols * cell_w, top)], fill=(120, 120, 120), width=1)
             draw.text((x1 + label_h * 0.3, top + cell_h / 2), row_name, fill=(20, 20, 20), font=font, anchor="lm")
+            regions.append({"box": (x1, top, x1 + first_col, top + cell_h), "words": [row_name]})
             for c, year in enumerate(years):
                 text = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
                 cx = x1 + first_col + (c + 0.5) * cell_w
+                regions.append({"box": (cx - cell_w / 2, top, cx + cell_w / 2, top + cell_h), "words": [row_name, year]})
                 values.append({"text": text, "left": cx - text_width(text, glyph_h) / 2,
                                "top": top + (cell_h - glyph_h) / 2, "ink": (20, 20, 20), "target": False,
                                "height": glyph_h, "row": row_name, "column": year})
@@ -179,10 +192,10 @@ class Chart(SyntheticSource):
         values[t]["target"] = True
         target = values[t]
         return (f"In the table, what is the value for {target['row']} in {target['column']}?",
-                target["text"], values)
+                target["text"], values, regions)
 
     def _poster(self, rng: np.random.Generator, draw: ImageDraw.ImageDraw, body: Box,
-                glyph_h: float, scale: float, tier: str) -> tuple[str, str, list[dict[str, Any]]]:
+                glyph_h: float, scale: float, tier: str) -> tuple[str, str, list[dict[str, Any]], list[Region]]:
         x1, y1, x2, y2 = body
         n = int(rng.integers(2, 5)) if tier == "shortcut" else int(rng.integers(3, 7))
         cols = 2 if n <= 4 else 3
@@ -194,9 +207,10 @@ class Chart(SyntheticSource):
         alphabet = DIGITS + LETTERS
         length = 4
         glyph_h = min(glyph_h, pw * 0.8 / (length * 1.35 * 5 / 7))
-        values = []
+        values, regions = [], []
         for i in range(n):
             left, top = x1 + (i % cols) * (pw + gap), y1 + (i // cols) * (ph + gap)
+            regions.append({"box": (left, top, left + pw, top + ph), "words": [headings[i]]})
             colour = PALETTE[colours[i]]
             draw.rectangle((left, top, left + pw, top + ph), fill=colour)
             head_h = int(min(0.045 * scale, ph * 0.25))
@@ -209,7 +223,7 @@ class Chart(SyntheticSource):
                            "height": glyph_h, "heading": headings[i], "colour": colours[i]})
         t = int(rng.integers(n))
         values[t]["target"] = True
-        return f"What is the code printed in the {headings[t]} panel?", values[t]["text"], values
+        return f"What is the code printed in the {headings[t]} panel?", values[t]["text"], values, regions
 
 
 def reader_answer(sample: Sample, view: np.ndarray, to_view: Callable[[Box], Box],
