@@ -634,10 +634,10 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 pixels, firsts = pixel_values.to(hidden.dtype), [first_image[b] for b in rows]
                 if self.pointer.stem is not None:
                     stem = self.pointer.per_image(pixels, image_grid_thw, firsts, self.pointer.stem_features)
-                if match is not None:
-                    cells = self.pointer.per_image(pixels, image_grid_thw, firsts,
-                                                   self.model.vision.frame_tokens if self.pointer.match_tokens
-                                                   is not None else self.pointer.match_features)
+                if match is not None:  # per cell (pixel features) or per token (the encoder's)
+                    from_encoder = self.pointer.match_tokens is not None
+                    branch = self.model.vision.frame_tokens if from_encoder else self.pointer.match_features
+                    cells = self.pointer.per_image(pixels, image_grid_thw, firsts, branch)
             for j, b in enumerate(rows):
                 _, grid_h, grid_w = (int(v) for v in image_grid_thw[first_image[b]])
                 start = int(starts[b].nonzero()[0])
@@ -645,7 +645,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 keys[b] = hidden[b, start + tokens] + (stem[j][tokens] if stem is not None else 0)
                 asked[b] = hidden[b, max(start - 2, 0)]  # before <|vision_start|>: the end of the question
                 if cells is not None:
-                    match[b] = cells[j] if self.pointer.match_tokens is None else self.pointer.match_tokens(cells[j][tokens])
+                    match[b] = self.pointer.match_tokens(cells[j][tokens]) if from_encoder else cells[j]
         else:
             valid = torch.zeros_like(valid)
         return self.pointer.keys(keys, parts, asked, match), valid
