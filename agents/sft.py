@@ -60,8 +60,8 @@ from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
 from agents.schedules import cosine_factor
 from agents.traces import Trace, TraceMix, TraceOptions, iter_traces, play_traces
-from agents.vision_pretrain import (PointerStemTower, VisionPretrainConfig, evidence_crops, glyph_crops,
-                                    initial_views, pretrain_vision)
+from agents.vision_pretrain import (VisionPretrainConfig, evidence_crops, glyph_crops, initial_views, pretrain_tower,
+                                    pretrain_vision)
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
@@ -659,8 +659,7 @@ def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[flo
             options = trace_options(box_vocab(model.config), config.chat_format, config.env_kwargs)
             images, labels, used = glyph_crops(source, pretrain.samples, seed, options, workers=config.trace_workers,
                                                progress=config.progress)
-        tower = model.model.vision if pretrain.tower == "encoder" else PointerStemTower(model.pointer,
-                                                                                         model.config.hidden_size)
+        tower = pretrain_tower(model, pretrain.tower)
         prefix = "pretrain/" if index == 0 else f"pretrain{index + 1}/"
         curve = (MetricLogger(Path(config.out) / prefix.rstrip("/"), resume_step=0 if config.resume else None)
                  if rank == 0 else None)

@@ -64,10 +64,11 @@ class VisionPretrainConfig:
     the plateau, the pooled one asks for the glyph in the image's strongest features, which the
     image-summary branch adds to every token; the logged loss is the sum of the two)."""
     tower: str = "encoder"
-    """What is pretrained: ``"encoder"``, the image encoder the decoder reads, or ``"pointer"``,
+    """What is pretrained: ``"encoder"``, the image encoder the decoder reads, ``"pointer"``,
     the pointer head's own stem (`TinyVLMConfig.pointer_stem`), whose features are added to
-    the pointer's keys: pointing then gets features of its own without moving what the
-    decoder reads."""
+    the pointer's keys, or ``"match"``, the image encoder of the pointer's match term
+    (`TinyVLMConfig.pointer_match_encoder`): pointing then gets features of its own without
+    moving what the decoder reads."""
     samples: int = 3000
     """Crops synthesized (``image/single`` traces of the task spec; held out of evaluation)."""
     steps: int = 300
@@ -86,8 +87,8 @@ class VisionPretrainConfig:
             raise ValueError("vision pretraining needs samples, steps, batch_size >= 1 and 0 <= held_out < samples")
         if self.target not in ("glyph", "dense", "view"):
             raise ValueError(f"vision pretraining target must be 'glyph', 'dense' or 'view', got {self.target!r}")
-        if self.tower not in ("encoder", "pointer"):
-            raise ValueError(f"vision pretraining tower must be 'encoder' or 'pointer', got {self.tower!r}")
+        if self.tower not in ("encoder", "pointer", "match"):
+            raise ValueError(f"vision pretraining tower must be 'encoder', 'pointer' or 'match', got {self.tower!r}")
         if self.glyph_head not in ("token", "pooled", "both"):
             raise ValueError(f"vision pretraining glyph_head must be 'token', 'pooled' or 'both', got {self.glyph_head!r}")
         if self.target == "glyph" and self.tower == "pointer":
@@ -216,6 +217,17 @@ class PointerStemTower(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.pointer.per_image(pixel_values, image_grid_thw, list(range(len(image_grid_thw))),
                                                 self.pointer.stem_features))
+
+
+def pretrain_tower(model: torch.nn.Module, tower: str) -> torch.nn.Module:
+    """The part of a tiny model that `VisionPretrainConfig.tower` names, as an image tower."""
+    if tower == "encoder":
+        return model.model.vision
+    if tower == "pointer":
+        return PointerStemTower(model.pointer, model.config.hidden_size)
+    if model.pointer.match_encoder is None:
+        raise ValueError("the model has no match encoder to pretrain (TinyVLMConfig.pointer_match_encoder is off)")
+    return model.pointer.match_encoder
 
 
 def token_targets(points: Points, grid_h: int, grid_w: int, glyphs_only: bool = False) -> torch.Tensor:

@@ -343,7 +343,8 @@ def test_initial_views_mark_tag_colours_and_train_the_pointer_stem_alone() -> No
 
 
 def test_chart_views_mark_every_token_of_a_region_with_the_words_naming_it() -> None:
-    from agents.vision_pretrain import OBJECTS, VisionPretrainConfig, initial_views, pretrain_vision, token_targets
+    from agents.vision_pretrain import (OBJECTS, VisionPretrainConfig, initial_views, pretrain_tower, pretrain_vision,
+                                        token_targets)
     from pxr_env.tasks.synthetic import Chart
 
     chart = Chart(questions=("poster", "table"), shortcut_share=0.0)
@@ -371,6 +372,17 @@ def test_chart_views_mark_every_token_of_a_region_with_the_words_naming_it() -> 
                     VisionPretrainConfig(target="view", samples=8, steps=60, batch_size=4, lr=1e-2, held_out=2),
                     log=lambda step, r: records.append(r))
     assert records[1]["pretrain/loss"] < 0.5 * records[0]["pretrain/loss"]
+
+    # The same target on the pointer's own match encoder leaves the decoder's encoder as it was.
+    with pytest.raises(ValueError, match="no match encoder"):
+        pretrain_tower(model, "match")
+    model = build_tiny_model(processor, seed=0, **SMALL, pointer_match=True, pointer_match_features="both",
+                             pointer_match_encoder=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pretrain_vision(pretrain_tower(model, "match"), processor.image_processor, images, points,
+                    VisionPretrainConfig(target="view", tower="match", samples=8, steps=3, batch_size=4, held_out=2))
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.startswith("pointer.match_encoder.") for k in moved)
 
 
 def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path) -> None:

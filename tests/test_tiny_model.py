@@ -404,7 +404,11 @@ def test_bidirectional_images_let_image_tokens_see_later_ones_only_within_their_
 @pytest.mark.parametrize("options, branch", [({"pointer_question": True}, "question"),
                                              ({"pointer_match": True}, "match_question"),
                                              ({"pointer_match": True, "pointer_match_features": "encoder"},
-                                              "match_question")])
+                                              "match_token_question"),
+                                             ({"pointer_match": True, "pointer_match_features": "both"},
+                                              "match_question"),
+                                             ({"pointer_match": True, "pointer_match_features": "both"},
+                                              "match_token_question")])
 def test_question_branches_of_the_pointer_start_at_zero_and_read_the_question(processor, tmp_path, options, branch):
     """With ``pointer_question`` (a gate on the keys) or ``pointer_match`` (a question-match
     term per cell, from pixel or encoder features) the box logits depend on the text before
@@ -491,7 +495,7 @@ def test_encoder_match_features_follow_the_encoders_token_under_each_cell(proces
                              hidden_size=64, intermediate_size=128).eval()
     assert model.pointer.match_pixels is None and model.pointer.match_tokens is not None
     with torch.no_grad():
-        model.pointer.match_question.weight.normal_(0, 0.5)
+        model.pointer.match_token_question.weight.normal_(0, 0.5)
     conv = Conversation(question_first=True)
     conv.add_observation({"text": "What is the code printed in the Budget panel?", "images": (_image(0, (224, 224)),)})
     text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
@@ -639,3 +643,64 @@ def test_box_logits_at_slots_alone_match_the_full_computation(processor):
     torch.testing.assert_close(out.logits, at_slots[:, text_only])
     model(**inputs, logits_to_keep=text_only, use_cache=True)  # a cache carries the keys on: computed
     assert calls == [1]
+
+
+def test_both_match_sources_add_their_terms(processor):
+    """With ``pointer_match_features="both"`` a cell's match term is the pixel term plus the
+    encoder term, each with its own question map: the same weights in a pixels-only and an
+    encoder-only model give the two parts."""
+    small = dict(hidden_size=64, intermediate_size=128)
+    both = build_tiny_model(processor, seed=0, pointer_match=True, pointer_match_features="both", **small).eval()
+    with torch.no_grad():
+        both.pointer.match_question.weight.normal_(0, 0.5)
+        both.pointer.match_token_question.weight.normal_(0, 0.5)
+    conv = Conversation(question_first=True)
+    conv.add_observation({"text": "What is the value of the red bar?", "images": (_image(0, (224, 224)),)})
+    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
+
+    def match_column(model) -> torch.Tensor:
+        with torch.no_grad():
+            hidden = model.model(**inputs).last_hidden_state
+            keys, _ = model.image_one_keys(hidden, inputs["input_ids"], inputs["image_grid_thw"], inputs["pixel_values"])
+        return keys[0, :, -1]
+
+    parts = []
+    for source in ("pixels", "encoder"):
+        single = build_tiny_model(processor, seed=1, pointer_match=True, pointer_match_features=source, **small).eval()
+        missing, unexpected = single.load_state_dict(both.state_dict(), strict=False)
+        assert not missing and unexpected  # the other source's weights are left out
+        parts.append(match_column(single))
+    assert parts[0].abs().max() > 0 and parts[1].abs().max() > 0
+    torch.testing.assert_close(match_column(both), parts[0] + parts[1])
+
+
+def test_match_encoder_of_its_own_feeds_the_encoder_term_alone(processor):
+    """With ``pointer_match_encoder`` the encoder term reads the pointer's own encoder: changing
+    it changes the match column, changing the model's encoder (what the decoder reads) does not."""
+    with pytest.raises(Exception, match="pointer_match_encoder needs"):
+        build_tiny_model(processor, seed=0, pointer_match=True, pointer_match_encoder=True)
+    model = build_tiny_model(processor, seed=0, pointer_match=True, pointer_match_features="encoder",
+                             pointer_match_encoder=True, hidden_size=64, intermediate_size=128).eval()
+    with torch.no_grad():
+        model.pointer.match_token_question.weight.normal_(0, 0.5)
+    conv = Conversation(question_first=True)
+    conv.add_observation({"text": "What is the code printed in the Budget panel?", "images": (_image(0, (224, 224)),)})
+    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
+
+    def match_column() -> torch.Tensor:
+        with torch.no_grad():
+            hidden = model.model(**inputs).last_hidden_state
+            keys, _ = model.image_one_keys(hidden, inputs["input_ids"], inputs["image_grid_thw"], inputs["pixel_values"])
+        return keys[0, :, -1]
+
+    before = match_column()
+    with torch.no_grad():
+        for param in model.model.vision.parameters():
+            param.mul_(1.5)
+    torch.testing.assert_close(match_column(), before)
+    with torch.no_grad():
+        for param in model.pointer.match_encoder.parameters():
+            param.mul_(1.5)
+    assert (match_column() - before).abs().max() > 1e-4

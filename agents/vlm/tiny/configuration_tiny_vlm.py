@@ -70,7 +70,12 @@ class TinyVLMConfig(PreTrainedConfig):
             above: colour) or ``"encoder"``, a linear map of the image encoder's token under
             each cell, for what the pixels of one cell do not show but the encoder can be
             taught to name there (e.g. the heading of the poster panel the cell lies in,
-            `agents.vision_pretrain`'s ``"view"`` target on charts).
+            `agents.vision_pretrain`'s ``"view"`` target on charts), or ``"both"``: the two
+            terms added, each with its own ``A``.
+        pointer_match_encoder: the encoder term reads an image encoder of the pointer's own
+            (``pointer.match_encoder``, shaped like the model's) instead of the one the decoder
+            reads, so that teaching it the page's words (`agents.vision_pretrain`'s
+            ``tower="match"``) leaves what the decoder reads in crops as it was.
         bidirectional_images: in the decoder, the tokens of each image attend to each other
             both ways (the rest stays causal). Causally, an image token sees only the tokens
             above and left of it, so the pointer's key of a chart value cannot take in the
@@ -113,6 +118,7 @@ class TinyVLMConfig(PreTrainedConfig):
     pointer_question: bool = False
     pointer_match: bool = False
     pointer_match_features: str = "pixels"
+    pointer_match_encoder: bool = False
     bidirectional_images: bool = False
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
@@ -145,8 +151,11 @@ class TinyVLMConfig(PreTrainedConfig):
                              f"got {self.stem_channels}, {self.hidden_size}")
         if self.image_summary and self.hidden_size % 8:
             raise ValueError(f"image_summary needs hidden_size divisible by 8 (its GroupNorm groups), got {self.hidden_size}")
-        if self.pointer_match_features not in ("pixels", "encoder"):
-            raise ValueError(f"pointer_match_features must be 'pixels' or 'encoder', got {self.pointer_match_features!r}")
+        if self.pointer_match_features not in ("pixels", "encoder", "both"):
+            raise ValueError(f"pointer_match_features must be 'pixels', 'encoder' or 'both', "
+                             f"got {self.pointer_match_features!r}")
+        if self.pointer_match_encoder and not (self.pointer_match and self.pointer_match_features != "pixels"):
+            raise ValueError("pointer_match_encoder needs pointer_match with pointer_match_features 'encoder' or 'both'")
         if self.pointer_subcells < 1:
             raise ValueError(f"pointer_subcells must be at least 1, got {self.pointer_subcells}")
         if self.patch_size % 8:

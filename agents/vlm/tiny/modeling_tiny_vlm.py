@@ -40,7 +40,7 @@ Beam search is not supported (the carried keys are not reordered).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,6 +326,11 @@ class TinyVLMPointerHead(nn.Module):
     object's colour survives the pooling) and mixed with the neighbouring cells by two 3x3
     convs, or (``pointer_match_features="encoder"``) from the image encoder's token under the
     cell through a linear map; ``u`` is the end of the question and ``A`` starts at zero.
+    With ``"both"`` the cell gets both terms, each with its own ``A`` (``match_question`` for
+    the pixels, ``match_token_question`` for the encoder's tokens), so that a colour (a bar)
+    and a word the encoder names (a panel's heading) can each find their cells. With
+    ``pointer_match_encoder`` the encoder term reads ``match_encoder``, an image encoder of the
+    head's own, and the model's encoder (what the decoder reads) is left to reading.
     The term is kept as one more key column, so cached keys carry it through generation.
     """
 
@@ -342,16 +347,20 @@ class TinyVLMPointerHead(nn.Module):
         self.size = nn.Linear(config.hidden_size, self.num_sizes, bias=False)
         self.size_bias = nn.Parameter(torch.zeros(self.num_sizes))
         self.question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False) if config.pointer_question else None
-        self.match_pixels = self.match_cells = self.match_tokens = self.match_question = None
-        if config.pointer_match and config.pointer_match_features == "encoder":
-            self.match_tokens = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
-        elif config.pointer_match:
+        self.match_pixels = self.match_cells = self.match_question = None
+        self.match_tokens = self.match_token_question = None
+        sources = {"pixels": ("pixels",), "encoder": ("encoder",), "both": ("pixels", "encoder")}
+        self.match_sources = sources[config.pointer_match_features] if config.pointer_match else ()
+        if "pixels" in self.match_sources:
             c = config.stem_channels
             self.match_pixels = nn.Sequential(nn.Conv2d(3, c, 1), nn.GELU(), nn.Conv2d(c, c, 1))
             self.match_cells = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
                                              nn.Conv2d(c, config.pointer_dim, 3, padding=1))
-        if config.pointer_match:
             self.match_question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False)
+        if "encoder" in self.match_sources:
+            self.match_tokens = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+            self.match_token_question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False)
+        self.match_encoder = TinyVLMVisionEncoder(config) if config.pointer_match_encoder else None
         self.key_width = config.pointer_dim + (1 if config.pointer_match else 0)
         self.num_boxes = config.pointer_grid ** 2 * self.num_sizes
 
@@ -393,10 +402,11 @@ class TinyVLMPointerHead(nn.Module):
         return self.match_cells(pooled).flatten(2).transpose(1, 2)
 
     def keys(self, states: torch.Tensor, parts: torch.Tensor, asked: torch.Tensor,
-             match_cells: torch.Tensor | None = None) -> torch.Tensor:
+             match_cells: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``(B, cells, hidden)`` image-token states, ``(B, cells)`` part numbers, ``(B, hidden)``
         states before image 1 and, with ``pointer_match``, ``(B, cells, dim)`` match features
-        -> ``(B, cells, key_width)`` keys.
+        per source (``"pixels"``: `match_features`; ``"encoder"``: `match_tokens` of the
+        encoder's token under each cell) -> ``(B, cells, key_width)`` keys.
 
         With ``pointer_subcells`` s > 1 an image token gives s*s keys, one per part, so that
         the cells of a pointer grid finer than the token grid are told apart by content.
@@ -407,18 +417,21 @@ class TinyVLMPointerHead(nn.Module):
         keys = keys.gather(2, parts[..., None, None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
         if self.question is not None:
             keys = keys * (1 + self.question(asked))[:, None, :]
-        if self.match_question is None:
+        if not self.match_sources:
             return keys
-        if match_cells is None:
-            raise ValueError("pointer_match needs the match features of image 1's cells")
-        match = torch.einsum("bd,bcd->bc", self.match_question(asked), match_cells) / math.sqrt(match_cells.shape[-1])
+        missing = [source for source in self.match_sources if source not in (match_cells or {})]
+        if missing:
+            raise ValueError(f"pointer_match needs the {missing} match features of image 1's cells")
+        maps = {"pixels": self.match_question, "encoder": self.match_token_question}
+        match = sum(torch.einsum("bd,bcd->bc", maps[source](asked), match_cells[source])
+                    for source in self.match_sources) / math.sqrt(self.query.out_features)
         return torch.cat([keys, match[..., None]], dim=-1)
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``(B, L, hidden)`` states and ``(B, cells, key_width)`` keys -> ``(B, L, cells * sizes)`` logits."""
         q = self.query(hidden)
         cells = torch.einsum("bld,bcd->blc", q, keys[..., :q.shape[-1]]) / math.sqrt(q.shape[-1])
-        if self.match_question is not None:
+        if self.match_sources:
             cells = cells + keys[:, None, :, -1]
         sizes = self.size(hidden) + self.size_bias
         logits = (cells[..., :, None] + sizes[..., None, :]).flatten(-2)
@@ -617,8 +630,9 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         batch = hidden.shape[0]
         keys = hidden.new_zeros(batch, self.config.pointer_grid ** 2, hidden.shape[-1])
         asked = hidden.new_zeros(batch, hidden.shape[-1])
-        match = (hidden.new_zeros(batch, self.config.pointer_grid ** 2, self.config.pointer_dim)
-                 if self.config.pointer_match else None)
+        sources = self.pointer.match_sources
+        match = {source: hidden.new_zeros(batch, self.config.pointer_grid ** 2, self.config.pointer_dim)
+                 for source in sources}
         parts = torch.zeros(batch, self.config.pointer_grid ** 2, dtype=torch.long, device=hidden.device)
         is_image = input_ids == self.config.image_token_id
         starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
@@ -627,25 +641,27 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         if image_grid_thw is not None and bool(valid.any()):
             first_image = (per_row.cumsum(0) - per_row).tolist()
             rows = torch.nonzero(valid).flatten().tolist()
-            stem = cells = None
-            if self.pointer.stem is not None or match is not None:
+            stem, cells = None, {}
+            if self.pointer.stem is not None or sources:
                 if pixel_values is None:
                     raise ValueError("the pointer stem or match term needs the pixel_values of the images in input_ids")
                 pixels, firsts = pixel_values.to(hidden.dtype), [first_image[b] for b in rows]
                 if self.pointer.stem is not None:
                     stem = self.pointer.per_image(pixels, image_grid_thw, firsts, self.pointer.stem_features)
-                if match is not None:  # per cell (pixel features) or per token (the encoder's)
-                    from_encoder = self.pointer.match_tokens is not None
-                    branch = self.model.vision.frame_tokens if from_encoder else self.pointer.match_features
-                    cells = self.pointer.per_image(pixels, image_grid_thw, firsts, branch)
+                encoder = self.model.vision if self.pointer.match_encoder is None else self.pointer.match_encoder
+                branches = {"pixels": self.pointer.match_features, "encoder": encoder.frame_tokens}
+                for source in sources:  # per cell (pixel features) or per token (the encoder's)
+                    cells[source] = self.pointer.per_image(pixels, image_grid_thw, firsts, branches[source])
             for j, b in enumerate(rows):
                 _, grid_h, grid_w = (int(v) for v in image_grid_thw[first_image[b]])
                 start = int(starts[b].nonzero()[0])
                 tokens, parts[b] = self.pointer.cell_index(grid_h, grid_w, hidden.device)
                 keys[b] = hidden[b, start + tokens] + (stem[j][tokens] if stem is not None else 0)
                 asked[b] = hidden[b, max(start - 2, 0)]  # before <|vision_start|>: the end of the question
-                if cells is not None:
-                    match[b] = self.pointer.match_tokens(cells[j][tokens]) if from_encoder else cells[j]
+                if "pixels" in cells:
+                    match["pixels"][b] = cells["pixels"][j]
+                if "encoder" in cells:
+                    match["encoder"][b] = self.pointer.match_tokens(cells["encoder"][j][tokens])
         else:
             valid = torch.zeros_like(valid)
         return self.pointer.keys(keys, parts, asked, match), valid
