@@ -496,17 +496,11 @@ def test_encoder_match_features_follow_the_encoders_token_under_each_cell(proces
     assert model.pointer.match_pixels is None and model.pointer.match_tokens is not None
     with torch.no_grad():
         model.pointer.match_token_question.weight.normal_(0, 0.5)
-    conv = Conversation(question_first=True)
-    conv.add_observation({"text": "What is the code printed in the Budget panel?", "images": (_image(0, (224, 224)),)})
-    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
+    inputs = _question_inputs(processor, "What is the code printed in the Budget panel?")
     grid = model.config.pointer_grid
 
     def match_column() -> torch.Tensor:
-        with torch.no_grad():
-            hidden = model.model(**inputs).last_hidden_state
-            keys, _ = model.image_one_keys(hidden, inputs["input_ids"], inputs["image_grid_thw"], inputs["pixel_values"])
-        return keys[0, :, -1].view(grid, grid)
+        return _match_column(model, inputs).view(grid, grid)
 
     before = match_column()
     frame_tokens = model.model.vision.frame_tokens
@@ -654,25 +648,15 @@ def test_both_match_sources_add_their_terms(processor):
     with torch.no_grad():
         both.pointer.match_question.weight.normal_(0, 0.5)
         both.pointer.match_token_question.weight.normal_(0, 0.5)
-    conv = Conversation(question_first=True)
-    conv.add_observation({"text": "What is the value of the red bar?", "images": (_image(0, (224, 224)),)})
-    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
-
-    def match_column(model) -> torch.Tensor:
-        with torch.no_grad():
-            hidden = model.model(**inputs).last_hidden_state
-            keys, _ = model.image_one_keys(hidden, inputs["input_ids"], inputs["image_grid_thw"], inputs["pixel_values"])
-        return keys[0, :, -1]
-
+    inputs = _question_inputs(processor, "What is the value of the red bar?")
     parts = []
     for source in ("pixels", "encoder"):
         single = build_tiny_model(processor, seed=1, pointer_match=True, pointer_match_features=source, **small).eval()
         missing, unexpected = single.load_state_dict(both.state_dict(), strict=False)
         assert not missing and unexpected  # the other source's weights are left out
-        parts.append(match_column(single))
+        parts.append(_match_column(single, inputs))
     assert parts[0].abs().max() > 0 and parts[1].abs().max() > 0
-    torch.testing.assert_close(match_column(both), parts[0] + parts[1])
+    torch.testing.assert_close(_match_column(both, inputs), parts[0] + parts[1])
 
 
 def test_match_encoder_of_its_own_feeds_the_encoder_term_alone(processor):
@@ -684,16 +668,10 @@ def test_match_encoder_of_its_own_feeds_the_encoder_term_alone(processor):
                              pointer_match_encoder=True, hidden_size=64, intermediate_size=128).eval()
     with torch.no_grad():
         model.pointer.match_token_question.weight.normal_(0, 0.5)
-    conv = Conversation(question_first=True)
-    conv.add_observation({"text": "What is the code printed in the Budget panel?", "images": (_image(0, (224, 224)),)})
-    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
+    inputs = _question_inputs(processor, "What is the code printed in the Budget panel?")
 
     def match_column() -> torch.Tensor:
-        with torch.no_grad():
-            hidden = model.model(**inputs).last_hidden_state
-            keys, _ = model.image_one_keys(hidden, inputs["input_ids"], inputs["image_grid_thw"], inputs["pixel_values"])
-        return keys[0, :, -1]
+        return _match_column(model, inputs)
 
     before = match_column()
     with torch.no_grad():
@@ -704,3 +682,19 @@ def test_match_encoder_of_its_own_feeds_the_encoder_term_alone(processor):
         for param in model.pointer.match_encoder.parameters():
             param.mul_(1.5)
     assert (match_column() - before).abs().max() > 1e-4
+
+
+def _question_inputs(processor, question: str):
+    """The processor's inputs for `question` about one 224-px image, up to the box of a crop call."""
+    conv = Conversation(question_first=True)
+    conv.add_observation({"text": question, "images": (_image(0, (224, 224)),)})
+    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text + CALL_PREFIX], images=conv.images, return_tensors="pt")
+
+
+def _match_column(model, inputs) -> torch.Tensor:
+    """The question-match column of the pointer's keys of image 1, per cell."""
+    with torch.no_grad():
+        hidden = model.model(**inputs).last_hidden_state
+        keys, _ = model.image_one_keys(hidden, inputs["input_ids"], inputs["image_grid_thw"], inputs["pixel_values"])
+    return keys[0, :, -1]
