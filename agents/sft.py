@@ -60,8 +60,8 @@ from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
 from agents.schedules import cosine_factor
 from agents.traces import Trace, TraceMix, TraceOptions, iter_traces, play_traces
-from agents.vision_pretrain import (VisionPretrainConfig, evidence_crops, glyph_crops, initial_views, pretrain_tower,
-                                    pretrain_vision)
+from agents.vision_pretrain import (VisionPretrainConfig, evidence_crops, frame_glyphs, glyph_crops, initial_views,
+                                    pretrain_tower, pretrain_vision)
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
@@ -508,7 +508,8 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
     Keys: ``accuracy``, ``rapr``, ``mean_ops``, ``op_error_rate``, ``crop_iou``, ``crop_hit``,
     ``answered``, ``acc_with_ops`` / ``acc_without_ops`` (accuracy of the episodes that did /
     did not run an operation), ``acc_when_hit`` (accuracy of the episodes whose last crop held
-    the evidence), each also as ``<family>/<key>``. With `oracle_ops`, also
+    the evidence), ``frames_hit`` (the share of the episodes that selected video frames whose
+    selection holds an evidence frame), each also as ``<family>/<key>``. With `oracle_ops`, also
     ``acc_oracle_ops``: the accuracy of answers given after the oracle's single operation
     and its output (an ``image/single`` or ``video/single`` trace with the model's box
     writing, `oracle_op_scores`) on the same samples where one can be played: reading apart
@@ -545,6 +546,8 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
         metrics["acc_without_ops"] = sum(without) / len(without) if without else None
         hit = [float(i["score"]) for i in rows if i.get("crop_hit")]
         metrics["acc_when_hit"] = sum(hit) / len(hit) if hit else None
+        selected = [i for i in rows if i.get("frames_hit") is not None]
+        metrics["frames_hit"] = sum(bool(i["frames_hit"]) for i in selected) / len(selected) if selected else None
         out.update({f"{name}{k}": v for k, v in metrics.items() if v is not None})
     if oracle_ops:
         boxes = box_vocab(model.config)
@@ -655,6 +658,8 @@ def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[flo
             images, labels, used = evidence_crops(source, pretrain.samples, seed, bounds.crop)
         elif pretrain.target == "view":
             images, labels, used = initial_views(source, pretrain.samples, seed, bounds.image)
+        elif pretrain.target == "frame-glyph":
+            images, labels, used = frame_glyphs(source, pretrain.samples, seed, bounds.frame)
         else:
             options = trace_options(box_vocab(model.config), config.chat_format, config.env_kwargs)
             images, labels, used = glyph_crops(source, pretrain.samples, seed, options, workers=config.trace_workers,

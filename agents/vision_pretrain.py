@@ -49,7 +49,9 @@ class VisionPretrainConfig:
     """Task spec of the crops (None: the first SFT stage's)."""
     target: str = "glyph"
     """``"glyph"``: name the target glyph of zoom-read crops on the token that holds its centre
-    (`glyph_crops`); ``"dense"``: mark
+    (`glyph_crops`); ``"frame-glyph"``: the same head on the selected frames of video digit
+    items, where the digit flashes (`frame_glyphs`: glyphs at frame scale, a few pixels tall);
+    ``"dense"``: mark
     on every token the glyphs and coloured shapes whose centre it holds, on crops around
     the evidence of chart, count and zoom-read samples (`evidence_crops`); ``"view"``: mark
     on every token of the initial views (`initial_views`), where the policy points, the
@@ -85,14 +87,15 @@ class VisionPretrainConfig:
     def __post_init__(self) -> None:
         if min(self.samples, self.steps, self.batch_size) < 1 or not 0 <= self.held_out < self.samples:
             raise ValueError("vision pretraining needs samples, steps, batch_size >= 1 and 0 <= held_out < samples")
-        if self.target not in ("glyph", "dense", "view"):
-            raise ValueError(f"vision pretraining target must be 'glyph', 'dense' or 'view', got {self.target!r}")
+        if self.target not in ("glyph", "frame-glyph", "dense", "view"):
+            raise ValueError("vision pretraining target must be 'glyph', 'frame-glyph', 'dense' or 'view', "
+                             f"got {self.target!r}")
         if self.tower not in ("encoder", "pointer", "match"):
             raise ValueError(f"vision pretraining tower must be 'encoder', 'pointer' or 'match', got {self.tower!r}")
         if self.glyph_head not in ("token", "pooled", "both"):
             raise ValueError(f"vision pretraining glyph_head must be 'token', 'pooled' or 'both', got {self.glyph_head!r}")
-        if self.target == "glyph" and self.tower == "pointer":
-            raise ValueError("the pointer stem is pretrained on a dense target ('dense' or 'view'), not 'glyph'")
+        if self.target in ("glyph", "frame-glyph") and self.tower == "pointer":
+            raise ValueError(f"the pointer stem is pretrained on a dense target ('dense' or 'view'), not {self.target!r}")
         if self.lr <= 0 or self.minutes is not None and self.minutes <= 0:
             raise ValueError("vision pretraining needs lr > 0 and minutes > 0 when set")
 
@@ -118,6 +121,43 @@ def glyph_crops(source: TaskSource, n: int, seed: int, options: TraceOptions,
         ids.append(trace.sample_id)
     if not images:
         raise ValueError("vision pretraining found no zoom-read crop with one target glyph in its task spec")
+    return images, points, ids
+
+
+def frame_glyphs(source: TaskSource, n: int, seed: int, frame_bounds: tuple[int, int]
+                 ) -> tuple[list[np.ndarray], list[Points], list[str]]:
+    """Windows of the evidence frames of `n` video digit samples, the flashing digit in each
+    (`Points`: its centre and its index in `GLYPHS`), and the sample id of each window.
+
+    Every evidence frame is resized as `select_frames` shows it (within `frame_bounds`), then
+    a window of half its width and height, at a random place that holds the digit, is cut at
+    that scale: the encoder sees the glyph as the policy will, for a quarter of a frame's
+    tokens, and each clip gives two or three windows. Samples of the other video kinds are
+    drawn and skipped.
+    """
+    rng = np.random.default_rng([seed, 17])
+    images, points, ids = [], [], []
+    for _ in range(n):
+        sample = source.sample(rng)
+        if sample.family != "video":
+            raise ValueError(f"the frame-glyph target reads video samples, not {sample.family!r}")
+        target = sample.meta["target"]
+        if sample.meta["kind"] != "digit":
+            continue
+        frames = sample.load_frames()
+        gx0, gy0, gx1, gy1 = target["glyph_box"]
+        for number in sample.evidence_frames:
+            shown = smart_resize(frames[number - 1], frame_bounds)
+            (height, width), (shown_h, shown_w) = frames.shape[1:3], shown.shape[:2]
+            x, y = (gx0 + gx1) / 2 / width * shown_w, (gy0 + gy1) / 2 / height * shown_h
+            win_w, win_h = shown_w // 2, shown_h // 2
+            left = int(rng.integers(max(0, int(x) - win_w + 1), min(int(x), shown_w - win_w) + 1))
+            top = int(rng.integers(max(0, int(y) - win_h + 1), min(int(y), shown_h - win_h) + 1))
+            images.append(np.ascontiguousarray(shown[top:top + win_h, left:left + win_w]))
+            points.append([((x - left) / win_w, (y - top) / win_h, GLYPHS.index(target["digit"]))])
+            ids.append(sample.sample_id)
+    if not images:
+        raise ValueError("vision pretraining found no video digit item in its task spec")
     return images, points, ids
 
 
@@ -262,7 +302,7 @@ def pretrain_vision(vision: torch.nn.Module, image_processor: Any, images: Seque
     """
     rank, world = distributed.rank_and_world()
     held = config.held_out
-    glyph = config.target == "glyph"
+    glyph = config.target in ("glyph", "frame-glyph")
     width = vision.hidden_size
     device = next(vision.parameters()).device
     head = torch.nn.Linear(width, len(GLYPHS) if glyph else len(OBJECTS), device=device)

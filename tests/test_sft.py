@@ -212,7 +212,8 @@ def test_evaluate_command_uses_the_saved_env_settings_and_the_config_env_kwargs(
 
 
 def test_evaluate_separates_reading_from_pointing(monkeypatch) -> None:
-    """``acc_when_hit`` is the accuracy of the episodes whose last crop held the evidence."""
+    """``acc_when_hit`` is the accuracy of the episodes whose last crop held the evidence; ``frames_hit`` the
+    share of the frame selections that hold an evidence frame."""
     from types import SimpleNamespace
 
     import agents.sft as sft
@@ -222,13 +223,20 @@ def test_evaluate_separates_reading_from_pointing(monkeypatch) -> None:
                 "answer": "7",
                 "crop_iou": None if hit is None else float(hit), "crop_hit": hit}
 
+    def video(score: float, frames_hit: bool | None) -> dict:
+        return {"family": "video", "score": score, "n_visual_ops": int(frames_hit is not None),
+                "n_tool_calls": int(frames_hit is not None), "n_op_errors": 0, "answer": "A", "crop_iou": None,
+                "crop_hit": None, "frames_hit": frames_hit}
+
     infos = [info(1.0, 1, True), info(0.0, 1, True), info(1.0, 1, False), info(1.0, 0, None)]
+    infos += [video(1.0, True), video(0.0, False), video(0.0, False), video(1.0, None)]
     monkeypatch.setattr(sft, "collect", lambda *a, **k: [SimpleNamespace(info=i) for i in infos])
     processor = build_tiny_processor()
     model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, vision_num_layers=1)
     metrics = sft.evaluate(model, processor, ChatFormat(), ZOOM_EASY, ["zoom-read/0"])
-    assert metrics["acc_when_hit"] == 0.5 and metrics["zoom-read/acc_when_hit"] == 0.5
-    assert metrics["acc_with_ops"] == pytest.approx(2 / 3) and metrics["acc_without_ops"] == 1.0
+    assert metrics["zoom-read/acc_when_hit"] == 0.5 and "zoom-read/frames_hit" not in metrics
+    assert metrics["video/frames_hit"] == pytest.approx(1 / 3)  # of the episodes that selected frames
+    assert metrics["zoom-read/acc_with_ops"] == pytest.approx(2 / 3) and metrics["zoom-read/acc_without_ops"] == 1.0
 
 
 def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:
@@ -264,6 +272,44 @@ def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:
         VisionPretrainConfig(glyph_head="mean")
     with pytest.raises(ValueError, match="no zoom-read crop"):
         glyph_crops(ZoomRead(questions=("relative",), shortcut_share=0.0, hard_share=0.0), 2, 0, options)
+
+
+def test_frame_glyphs_cut_the_flashing_digit_at_frame_scale_and_pretraining_names_it(tmp_path: Path) -> None:
+    from agents.vision_pretrain import GLYPHS, VisionPretrainConfig, frame_glyphs, pretrain_vision
+    from pxr_env.ops import smart_resize
+    from pxr_env.tasks.synthetic import Clips, Count
+
+    clips = Clips(cache_dir=str(tmp_path), shortcut_share=0.5)  # the shortcut kinds are drawn and skipped
+    images, points, ids = frame_glyphs(clips, 8, seed=0, frame_bounds=(224 * 224, 224 * 224))
+    digit_ids = sorted({i for i in ids})
+    assert 0 < len(digit_ids) < 8 and len(images) == len(points) == len(ids)
+    windows = {sample_id: [] for sample_id in digit_ids}
+    for image, (point,), sample_id in zip(images, points, ids):
+        windows[sample_id].append((image, point))
+    for sample_id, shown in windows.items():
+        sample = clips.get(sample_id)
+        assert sample.meta["kind"] == "digit" and len(shown) == len(sample.evidence_frames)
+        frames = sample.load_frames()
+        gx0, gy0, gx1, gy1 = sample.meta["target"]["glyph_box"]
+        for (image, (x, y, glyph)), number in zip(shown, sample.evidence_frames):
+            assert GLYPHS[glyph] == sample.meta["target"]["digit"] and image.shape == (112, 112, 3)
+            frame = smart_resize(frames[number - 1], (224 * 224, 224 * 224))  # 224 px: shown at full size
+            left, top = round((gx0 + gx1) / 2 - x * 112), round((gy0 + gy1) / 2 - y * 112)
+            assert np.array_equal(image, frame[top:top + 112, left:left + 112])  # the frame at its own scale
+            assert 0 <= x < 1 and 0 <= y < 1
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL)
+    losses = []
+    pretrain_vision(model.model.vision, processor.image_processor, images, points,
+                    VisionPretrainConfig(target="frame-glyph", samples=len(images), steps=60, batch_size=4, lr=1e-2,
+                                         held_out=2), log=lambda step, r: losses.append(r["pretrain/loss"]))
+    assert losses[1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="video samples"):
+        frame_glyphs(Count(), 2, 0, (224 * 224, 224 * 224))
+    with pytest.raises(ValueError, match="no video digit"):
+        frame_glyphs(Clips(cache_dir=str(tmp_path), shortcut_share=1.0, questions=("appear",)), 2, 0, (50176, 50176))
+    with pytest.raises(ValueError, match="dense target"):
+        VisionPretrainConfig(target="frame-glyph", tower="pointer")
 
 
 def test_evidence_crops_mark_the_objects_they_show_and_dense_pretraining_learns_them() -> None:
@@ -399,7 +445,7 @@ def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path)
     train_sft(config(tmp_path / "dense", vision_pretrain=dense, init_from=str(tmp_path / "final"), model={},
                      max_steps=1, checkpoint_every=0))  # a trained model's encoder learns a new family's objects
     assert [r["step"] for r in read_metrics(tmp_path / "dense") if "pretrain/held_out_accuracy" in r] == [0]
-    with pytest.raises(ValueError, match="'glyph', 'dense' or 'view'"):
+    with pytest.raises(ValueError, match="'glyph', 'frame-glyph', 'dense' or 'view'"):
         config(tmp_path, vision_pretrain={**pretrain, "target": "pooled"})
     view = {"tasks": {"zoom-read": {"easy_tags": [1, 2], "hard_share": 0.0}}, "target": "view", "tower": "pointer",
             "samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
