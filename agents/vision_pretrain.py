@@ -72,7 +72,8 @@ class VisionPretrainConfig:
     (`TinyVLMConfig.pointer_match_encoder`): pointing then gets features of its own without
     moving what the decoder reads."""
     samples: int = 3000
-    """Crops synthesized (``image/single`` traces of the task spec; held out of evaluation)."""
+    """Crops synthesized (``image/single`` traces of the task spec; held out of evaluation); for
+    ``"frame-glyph"``, clips drawn, each giving a window per evidence frame."""
     steps: int = 300
     """Optimizer steps."""
     minutes: float | None = None
