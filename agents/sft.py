@@ -60,8 +60,8 @@ from agents.metrics import summarize, summarize_by
 from agents.rollout import collect
 from agents.schedules import cosine_factor
 from agents.traces import Trace, TraceMix, TraceOptions, iter_traces, play_traces
-from agents.vision_pretrain import (VisionPretrainConfig, evidence_crops, frame_glyphs, glyph_crops, initial_views,
-                                    pretrain_tower, pretrain_vision)
+from agents.vision_pretrain import (VisionPretrainConfig, evidence_crops, frame_glyphs, glyph_crops, initial_frames,
+                                    initial_views, pretrain_tower, pretrain_vision)
 from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
@@ -192,6 +192,9 @@ class SFTConfig:
     """System prompt of the chat format (None: the standard tool prompt)."""
     question_first: bool = True
     """Question before the image in the first user message."""
+    vision_ids: bool = False
+    """``Picture k: `` before each image (`agents.vlm.chat.ChatFormat.vision_ids`): the initial frames
+    of a video carry the numbers ``select_frames`` takes."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """`PixelQAEnv` arguments of the trace and evaluation envs (e.g. ``{"crop_padding": 0.03}``)."""
     max_steps: int = 1000
@@ -311,7 +314,7 @@ class SFTConfig:
 
     @property
     def chat_format(self) -> ChatFormat:
-        return ChatFormat(system=self.system, question_first=self.question_first)
+        return ChatFormat(system=self.system, question_first=self.question_first, vision_ids=self.vision_ids)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -509,7 +512,7 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
     ``answered``, ``acc_with_ops`` / ``acc_without_ops`` (accuracy of the episodes that did /
     did not run an operation), ``acc_when_hit`` (accuracy of the episodes whose last crop held
     the evidence), ``frames_hit`` (the share of the episodes that selected video frames whose
-    selection holds an evidence frame), each also as ``<family>/<key>``. With `oracle_ops`, also
+    last selection holds an evidence frame), each also as ``<family>/<key>``. With `oracle_ops`, also
     ``acc_oracle_ops``: the accuracy of answers given after the oracle's single operation
     and its output (an ``image/single`` or ``video/single`` trace with the model's box
     writing, `oracle_op_scores`) on the same samples where one can be played: reading apart
@@ -523,7 +526,7 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
     was_training = model.training
     policy = TransformersPolicy(model, processor, temperature=0.0, max_new_tokens=max_new_tokens,
                                 max_batch_size=batch_size, system=chat_format.system,
-                                question_first=chat_format.question_first)
+                                question_first=chat_format.question_first, vision_ids=chat_format.vision_ids)
     source = task_source(tasks)
     envs = [gym.make("PixelQA-v0", tasks=source, **dict(env_kwargs or {}))
             for _ in range(min(batch_size, len(sample_ids)))]
@@ -660,6 +663,8 @@ def _pretrain_vision(config: SFTConfig, model: Any, processor: Any) -> tuple[flo
             images, labels, used = initial_views(source, pretrain.samples, seed, bounds.image)
         elif pretrain.target == "frame-glyph":
             images, labels, used = frame_glyphs(source, pretrain.samples, seed, bounds.frame)
+        elif pretrain.target == "frame-view":
+            images, labels, used = initial_frames(source, pretrain.samples, seed, bounds.video)
         else:
             options = trace_options(box_vocab(model.config), config.chat_format, config.env_kwargs)
             images, labels, used = glyph_crops(source, pretrain.samples, seed, options, workers=config.trace_workers,
@@ -938,7 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env_kwargs = {**policy.env_kwargs,
                       **(json.loads(Path(args.config).read_text()).get("env_kwargs", {}) if args.config else {})}
         metrics = evaluate(policy.model, AutoProcessor.from_pretrained(args.evaluate),
-                           ChatFormat(policy.system, policy.question_first), tasks, ids,
+                           policy.chat_format, tasks, ids,
                            progress=not args.no_progress, env_kwargs=env_kwargs,
                            oracle_reading=args.oracle_reading) | answer_only_bound(tasks, ids)
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -194,7 +194,7 @@ class Trace:
         output as a continuation (``\\n<|im_start|>user\\n...<|im_start|>assistant\\n``, never
         trained). Their concatenation plus ``"\\n"`` is ``conversation.render(False)``.
         """
-        return conversation_segments(self.conversation.messages, self.trained)
+        return conversation_segments(self.conversation.messages, self.trained, self.conversation.vision_ids)
 
     def reading(self) -> tuple[list[tuple[str, bool]], list[np.ndarray]]:
         """The trace reduced to reading what it last looked at: segments and images of a one-turn conversation.
@@ -213,7 +213,8 @@ class Trace:
         at = next(i for i, item in enumerate(messages[first]["content"]) if item.get("type") == "image")
         question[at:at] = [{"type": "image"}] * n_images
         reduced = [*messages[:first], {**messages[first], "content": question}, messages[-1]]
-        return conversation_segments(reduced, [self.trained[-1]]), self.images[len(self.images) - n_images:]
+        return (conversation_segments(reduced, [self.trained[-1]], self.conversation.vision_ids),
+                self.images[len(self.images) - n_images:])
 
     def pointing(self) -> tuple[list[tuple[str, bool]], list[np.ndarray]]:
         """The trace reduced to its first decision: segments and images of a one-turn conversation.
@@ -230,11 +231,13 @@ class Trace:
             raise ValueError(f"{self.sample_id}: the first turn of a {self.kind} trace is a deliberate mistake, "
                              f"not a pointing item")
         n_images = sum(item.get("type") == "image" for item in messages[first]["content"])
-        return conversation_segments(messages[:first + 2], [True]), self.images[:n_images]
+        return conversation_segments(messages[:first + 2], [True], self.conversation.vision_ids), self.images[:n_images]
 
 
-def conversation_segments(messages: Sequence[Mapping[str, Any]], trained: Sequence[bool]) -> list[tuple[str, bool]]:
-    """Split rendered `messages` into (text, trained) pieces at every assistant turn (see `Trace.segments`)."""
+def conversation_segments(messages: Sequence[Mapping[str, Any]], trained: Sequence[bool],
+                          vision_ids: bool = False) -> list[tuple[str, bool]]:
+    """Split rendered `messages` into (text, trained) pieces at every assistant turn (see `Trace.segments`);
+    `vision_ids`: images labelled ``Picture k: `` (`ChatFormat.vision_ids`)."""
     n_assistant = sum(m["role"] == "assistant" for m in messages)
     if n_assistant != len(trained):
         raise ValueError(f"{len(trained)} trained flags for {n_assistant} assistant turns")
@@ -247,7 +250,7 @@ def conversation_segments(messages: Sequence[Mapping[str, Any]], trained: Sequen
             done += text
             turn += 1
         elif message["role"] == "user" and i + 1 < len(messages) and messages[i + 1]["role"] == "assistant":
-            rendered = render_messages(messages[: i + 1], add_generation_prompt=True)
+            rendered = render_messages(messages[: i + 1], add_generation_prompt=True, add_vision_id=vision_ids)
             if not rendered.startswith(done):
                 raise ValueError(f"message {i} does not continue the rendered conversation")
             out.append((rendered[len(done):], False))
@@ -875,7 +878,7 @@ def save_traces(traces: Sequence[Trace], directory: str | Path, overwrite: bool 
                 names.append(name)
             record = {"sample_id": trace.sample_id, "kind": trace.kind, "correct": trace.correct,
                       "trained": trace.trained, "messages": trace.conversation.messages, "images": names,
-                      "info": trace.info}
+                      "vision_ids": trace.conversation.vision_ids, "info": trace.info}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
@@ -896,7 +899,8 @@ def load_traces(directory: str | Path) -> list[Trace]:
             n_items = sum(1 for m in messages for item in m["content"] if item.get("type") == "image")
             if n_items != len(record["images"]):
                 raise ValueError(f"{path} line {number}: {n_items} image items but {len(record['images'])} image files")
-            conversation = Conversation(system=messages[0]["content"][0]["text"])
+            conversation = Conversation(system=messages[0]["content"][0]["text"],
+                                        vision_ids=bool(record.get("vision_ids", False)))
             conversation.messages = messages
             conversation.images = [np.asarray(Image.open(directory / name).convert("RGB")) for name in record["images"]]
             traces.append(Trace(sample_id=record["sample_id"], kind=record["kind"], conversation=conversation,

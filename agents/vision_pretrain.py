@@ -56,7 +56,9 @@ class VisionPretrainConfig:
     the evidence of chart, count and zoom-read samples (`evidence_crops`); ``"view"``: mark
     on every token of the initial views (`initial_views`), where the policy points, the
     coloured shapes whose centre it holds (count, zoom-read) or the words that name the part
-    of a chart it lies in (a table cell's row and column, a panel's heading)."""
+    of a chart it lies in (a table cell's row and column, a panel's heading); ``"frame-view"``:
+    the same on every frame of video clips as first shown (`initial_frames`: the asked objects'
+    coloured shapes, and the digit in the frames where it flashes)."""
     glyph_head: str = "token"
     """Where the glyph target's head reads: ``"token"``, the token that holds the glyph's centre
     (it leaves the loss of the class prior within 100-200 steps), or ``"pooled"``, the image's
@@ -73,7 +75,8 @@ class VisionPretrainConfig:
     moving what the decoder reads."""
     samples: int = 3000
     """Crops synthesized (``image/single`` traces of the task spec; held out of evaluation); for
-    ``"frame-glyph"``, clips drawn, each giving a window per evidence frame."""
+    ``"frame-glyph"``, clips drawn, each giving a window per evidence frame; for ``"frame-view"``,
+    clips drawn, each giving its 16 frames."""
     steps: int = 300
     """Optimizer steps."""
     minutes: float | None = None
@@ -88,8 +91,8 @@ class VisionPretrainConfig:
     def __post_init__(self) -> None:
         if min(self.samples, self.steps, self.batch_size) < 1 or not 0 <= self.held_out < self.samples:
             raise ValueError("vision pretraining needs samples, steps, batch_size >= 1 and 0 <= held_out < samples")
-        if self.target not in ("glyph", "frame-glyph", "dense", "view"):
-            raise ValueError("vision pretraining target must be 'glyph', 'frame-glyph', 'dense' or 'view', "
+        if self.target not in ("glyph", "frame-glyph", "dense", "view", "frame-view"):
+            raise ValueError("vision pretraining target must be 'glyph', 'frame-glyph', 'dense', 'view' or 'frame-view', "
                              f"got {self.target!r}")
         if self.tower not in ("encoder", "pointer", "match"):
             raise ValueError(f"vision pretraining tower must be 'encoder', 'pointer' or 'match', got {self.tower!r}")
@@ -125,6 +128,17 @@ def glyph_crops(source: TaskSource, n: int, seed: int, options: TraceOptions,
     return images, points, ids
 
 
+def drawn_apart(n: int, seed: int, salt: int, draw: Callable[[np.random.Generator], list[Any]]) -> list[Any]:
+    """``draw(rng)`` for the items ``0 .. n-1``, each with a generator of its own (``[seed, salt, i]``),
+    shared out over the processes (`agents.distributed`) and gathered on every one, in item order:
+    the same results for any number of processes, each process drawing its share (a clip costs
+    tens of milliseconds)."""
+    rank, world = distributed.rank_and_world()
+    mine = [(i, draw(np.random.default_rng([seed, salt, i]))) for i in range(rank, n, world)]
+    return [result for _, items in sorted(distributed.gather_objects(mine), key=lambda pair: pair[0])
+            for result in items]
+
+
 def frame_glyphs(source: TaskSource, n: int, seed: int, frame_bounds: tuple[int, int]
                  ) -> tuple[list[np.ndarray], list[Points], list[str]]:
     """Windows of the evidence frames of `n` video digit samples, the flashing digit in each
@@ -134,18 +148,16 @@ def frame_glyphs(source: TaskSource, n: int, seed: int, frame_bounds: tuple[int,
     a window of half its width and height, at a random place that holds the digit, is cut at
     that scale: the encoder sees the glyph as the policy will, for a quarter of a frame's
     tokens, and each clip gives two or three windows. Samples of the other video kinds are
-    drawn and skipped.
+    drawn and skipped. The clips are drawn apart over the processes (`drawn_apart`).
     """
-    rng = np.random.default_rng([seed, 17])
-    images, points, ids = [], [], []
-    for _ in range(n):
+    def windows(rng: np.random.Generator) -> list[tuple[np.ndarray, Points, str]]:
         sample = source.sample(rng)
         if sample.family != "video":
             raise ValueError(f"the frame-glyph target reads video samples, not {sample.family!r}")
         target = sample.meta["target"]
         if sample.meta["kind"] != "digit":
-            continue
-        frames = sample.load_frames()
+            return []
+        frames, out = sample.load_frames(), []
         gx0, gy0, gx1, gy1 = target["glyph_box"]
         for number in sample.evidence_frames:
             shown = smart_resize(frames[number - 1], frame_bounds)
@@ -154,11 +166,14 @@ def frame_glyphs(source: TaskSource, n: int, seed: int, frame_bounds: tuple[int,
             win_w, win_h = shown_w // 2, shown_h // 2
             left = int(rng.integers(max(0, int(x) - win_w + 1), min(int(x), shown_w - win_w) + 1))
             top = int(rng.integers(max(0, int(y) - win_h + 1), min(int(y), shown_h - win_h) + 1))
-            images.append(np.ascontiguousarray(shown[top:top + win_h, left:left + win_w]))
-            points.append([((x - left) / win_w, (y - top) / win_h, GLYPHS.index(target["digit"]))])
-            ids.append(sample.sample_id)
-    if not images:
+            out.append((np.ascontiguousarray(shown[top:top + win_h, left:left + win_w]),
+                        [((x - left) / win_w, (y - top) / win_h, GLYPHS.index(target["digit"]))], sample.sample_id))
+        return out
+
+    drawn = drawn_apart(n, seed, 17, windows)
+    if not drawn:
         raise ValueError("vision pretraining found no video digit item in its task spec")
+    images, points, ids = (list(column) for column in zip(*drawn))
     return images, points, ids
 
 
@@ -242,6 +257,39 @@ def initial_views(source: TaskSource, n: int, seed: int, image_bounds: tuple[int
                       [(((b[0] + b[2]) / 2) / width, ((b[1] + b[3]) / 2) / height, index)
                        for b, index in _shown_objects(sample, glyphs=False)])
         ids.append(sample.sample_id)
+    return images, points, ids
+
+
+def initial_frames(source: TaskSource, n: int, seed: int, video_bounds: tuple[int, int]
+                   ) -> tuple[list[np.ndarray], list[Points], list[str]]:
+    """Every frame of `n` video samples as the env first shows it (within `video_bounds`), with
+    what each token holds (`Points`): the coloured shape of each object the question is about,
+    where and while it is drawn, and a flashing digit in the frames that show it, and the
+    sample id of each frame. Where the policy chooses frames, in the small initial frames, a
+    digit is 2.5-3.75 px on a square of 4-5 px: this target marks which frames hold it. The
+    moving clutter is not marked. The clips are drawn apart over the processes (`drawn_apart`).
+    """
+    def frames_of(rng: np.random.Generator) -> list[tuple[np.ndarray, Points, str]]:
+        sample = source.sample(rng)
+        if sample.family != "video":
+            raise ValueError(f"the frame-view target reads video samples, not {sample.family!r}")
+        frames, out = sample.load_frames(), []
+        height, width = frames.shape[1:3]
+        for t, frame in enumerate(frames):
+            marks: Points = []
+            for obj in sample.meta["objects"]:
+                if "digit" not in obj and t not in obj["frames"]:
+                    continue
+                left, top, right, bottom = obj["box"]
+                colour = obj["new_colour"] if "changes_at" in obj and t >= obj["changes_at"] else obj["colour"]
+                centre = ((left + right) / 2 / width, (top + bottom) / 2 / height)
+                marks.append((*centre, OBJECTS.index(f"{colour} {obj['shape']}")))
+                if "digit" in obj and t in obj["frames"]:
+                    marks.append((*centre, OBJECTS.index(obj["digit"])))
+            out.append((smart_resize(frame, video_bounds), marks, sample.sample_id))
+        return out
+
+    images, points, ids = (list(column) for column in zip(*drawn_apart(n, seed, 19, frames_of)))
     return images, points, ids
 
 

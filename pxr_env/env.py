@@ -37,6 +37,7 @@ class _Episode:
     frames: np.ndarray | None = None
     requested_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     selected_frames: list[int] = field(default_factory=list)
+    last_selection: list[int] = field(default_factory=list)
     n_visual_ops: int = 0
     n_op_errors: int = 0
     n_tool_calls: int = 0
@@ -97,7 +98,9 @@ class PixelQAEnv(gym.Env):
     contains the whole evidence box), ``crop_area`` (share of the original image the last
     requested crop box covers, None without a crop), ``crop_box`` (the pixels of the original the
     last crop shows, padding included, as ``[left, top, right, bottom]``; None without a crop),
-    ``frames_hit`` (a selected frame is an evidence frame).
+    ``frames_hit`` (a frame of the last selection is an evidence frame: the frames the answer is
+    read from, as ``crop_hit`` is about the last crop; a policy that selects again and again
+    does not score by covering the clip).
 
     **Vector envs.** Both modes run in `gymnasium.vector.SyncVectorEnv` and
     `AsyncVectorEnv`; text mode needs ``AsyncVectorEnv(..., shared_memory=False)``, since
@@ -309,6 +312,7 @@ class PixelQAEnv(gym.Env):
                 if episode.images_in_context + len(indices) > self.max_images:
                     return self._truncate(f"the limit of {self.max_images} images is reached")
                 episode.selected_frames.extend(indices)
+                episode.last_selection = list(indices)
                 images = tuple(images_list)
                 text = f"Here are frames {', '.join(map(str, indices))} of the video at full resolution:"
         except ops.OpError as exc:
@@ -377,8 +381,8 @@ class PixelQAEnv(gym.Env):
             cx1, cy1, cx2, cy2 = episode.boxes_in_original[-1]
             ex1, ey1, ex2, ey2 = sample.evidence_box
             crop_hit = cx1 <= ex1 and cy1 <= ey1 and cx2 >= ex2 and cy2 >= ey2
-        if sample.evidence_frames and episode.selected_frames:
-            frames_hit = bool(set(sample.evidence_frames) & set(episode.selected_frames))
+        if sample.evidence_frames and episode.last_selection:
+            frames_hit = bool(set(sample.evidence_frames) & set(episode.last_selection))
         return {
             "sample_id": sample.sample_id, "family": sample.family, "is_video": sample.is_video,
             "n_visual_ops": episode.n_visual_ops, "n_op_errors": episode.n_op_errors,

@@ -109,3 +109,30 @@ def test_default_system_message_when_none_is_given():
     text = render_messages([{"role": "user", "content": "hi"}])
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("question_first", [False, True])
+def test_vision_ids_number_the_images_across_turns_as_the_chat_template_does(question_first: bool, tmp_path):
+    from jinja2 import Template
+
+    from agents.vlm.chat import QWEN2_VL_CHAT_TEMPLATE, ChatFormat, load_chat_format, save_chat_format
+
+    chat = ChatFormat(system="SYS", question_first=question_first, vision_ids=True)
+    conv = chat.conversation()
+    frames = tuple(np.full((112, 112, 3), i, np.uint8) for i in range(3))
+    stream = [conv.add_observation({"text": "The video has 3 frames.", "images": frames})]
+    turn = '<tool_call>\n{"name": "select_frames", "arguments": {"target_frames": [2]}}\n</tool_call>'
+    conv.add_assistant(turn)
+    stream += [turn, conv.add_observation({"text": "Here is frame 2:", "images": (IMG,)})]
+    rendered = conv.render()
+    assert "".join(stream) == rendered
+    assert rendered == Template(QWEN2_VL_CHAT_TEMPLATE).render(messages=conv.messages, add_generation_prompt=True,
+                                                               add_vision_id=True)
+    labels = [f"Picture {k}: <|vision_start|>" for k in (1, 2, 3, 4)]
+    assert [rendered.count(label) for label in labels] == [1, 1, 1, 1]
+    assert rendered.index(labels[2]) < rendered.index(turn) < rendered.index(labels[3])
+    assert "Picture" not in ChatFormat(system="SYS").conversation().add_observation({"text": "q", "images": frames})
+    assert load_chat_format(save_chat_format(chat, tmp_path).parent) == chat
+    (tmp_path / "chat_format.json").write_text('{"vision_id": true}')
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_chat_format(tmp_path)

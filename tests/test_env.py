@@ -220,6 +220,14 @@ def test_structured_mode_runs_the_same_operations(fixture_source):
         assert "structured action must be" in info["action_error"]
 
 
+def test_frames_hit_is_about_the_last_selection(env):
+    for selections, hit in (([[6, 7], [1, 2]], False), ([[1, 2], [8]], True), ([[2], [3, 4], [5]], False)):
+        env.reset(seed=0, options={"sample_id": "fx/video"})
+        for frames in selections:
+            assert env.step(frames_call(frames))[4]["action_error"] is None
+        assert env.step("\\boxed{A}")[4]["frames_hit"] is hit, selections
+
+
 def test_structured_video(fixture_source):
     env = PixelQAEnv(tasks=fixture_source, action_mode="structured")
     env.reset(seed=0, options={"sample_id": "fx/video"})

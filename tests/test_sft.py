@@ -312,6 +312,65 @@ def test_frame_glyphs_cut_the_flashing_digit_at_frame_scale_and_pretraining_name
         VisionPretrainConfig(target="frame-glyph", tower="pointer")
 
 
+def test_drawn_apart_gives_each_process_its_share_and_every_process_the_same_items(monkeypatch) -> None:
+    from agents import distributed
+    from agents.vision_pretrain import drawn_apart
+
+    def draw(rng: np.random.Generator) -> list[int]:
+        return [int(rng.integers(1000))] * int(rng.integers(3))  # zero to two results an item
+
+    alone = drawn_apart(7, 5, 1, draw)
+    assert alone == [x for i in range(7) for x in draw(np.random.default_rng([5, 1, i]))]
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(distributed, "gather_objects", lambda items: shares.append(items) or items)
+        drawn_apart(7, 5, 1, draw)
+    assert [i for i, _ in shares[0]] == [0, 2, 4, 6] and [i for i, _ in shares[1]] == [1, 3, 5]
+    monkeypatch.setattr(distributed, "gather_objects", lambda items: shares[0] + shares[1])
+    assert drawn_apart(7, 5, 1, draw) == alone
+
+
+def test_initial_frames_mark_the_flash_in_the_frames_that_show_it(tmp_path: Path) -> None:
+    from agents.vision_pretrain import OBJECTS, VisionPretrainConfig, initial_frames, pretrain_vision, token_targets
+    from pxr_env.ops import smart_resize
+    from pxr_env.tasks.synthetic import Clips, Count
+
+    clips = Clips(cache_dir=str(tmp_path), shortcut_share=0.3)
+    images, points, ids = initial_frames(clips, 6, seed=0, video_bounds=(112 * 112, 112 * 112))
+    assert len(images) == len(points) == len(ids) == 6 * 16
+    kinds = set()
+    for start in range(0, len(images), 16):
+        sample = clips.get(ids[start])
+        frames, meta = sample.load_frames(), sample.meta
+        kinds.add(meta["kind"])
+        for t in range(16):
+            assert np.array_equal(images[start + t], smart_resize(frames[t], (112 * 112, 112 * 112)))
+            marked = {OBJECTS[index] for _, _, index in points[start + t]}
+            if meta["kind"] == "digit":
+                flashing = t + 1 in sample.evidence_frames
+                assert (meta["target"]["digit"] in marked) == flashing
+                assert f"{meta['target']['colour']} square" in marked
+            elif meta["kind"] == "colour-change":
+                turned = t >= meta["target"]["changes_at"]
+                colour = meta["target"]["new_colour"] if turned else meta["target"]["colour"]
+                assert marked == {f"{colour} {meta['target']['shape']}"}
+            else:
+                assert bool(marked) == (t + 1 in sample.evidence_frames)
+    assert "digit" in kinds and len(kinds) > 1
+    target = token_targets(points[0], 4, 4)
+    assert target.shape == (16, len(OBJECTS)) and target.sum() == len(points[0])
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL)
+    losses = []
+    pretrain_vision(model.model.vision, processor.image_processor, images, points,
+                    VisionPretrainConfig(target="frame-view", samples=len(images), steps=60, batch_size=8, lr=1e-2,
+                                         held_out=16), log=lambda step, r: losses.append(r["pretrain/loss"]))
+    assert losses[1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="video samples"):
+        initial_frames(Count(), 2, 0, (112 * 112, 112 * 112))
+
+
 def test_evidence_crops_mark_the_objects_they_show_and_dense_pretraining_learns_them() -> None:
     from agents.vision_pretrain import (
         OBJECTS, VisionPretrainConfig, _shown_objects, evidence_crops, pretrain_vision, token_targets,
@@ -445,7 +504,7 @@ def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path)
     train_sft(config(tmp_path / "dense", vision_pretrain=dense, init_from=str(tmp_path / "final"), model={},
                      max_steps=1, checkpoint_every=0))  # a trained model's encoder learns a new family's objects
     assert [r["step"] for r in read_metrics(tmp_path / "dense") if "pretrain/held_out_accuracy" in r] == [0]
-    with pytest.raises(ValueError, match="'glyph', 'frame-glyph', 'dense' or 'view'"):
+    with pytest.raises(ValueError, match="'glyph', 'frame-glyph', 'dense', 'view' or 'frame-view'"):
         config(tmp_path, vision_pretrain={**pretrain, "target": "pooled"})
     view = {"tasks": {"zoom-read": {"easy_tags": [1, 2], "hard_share": 0.0}}, "target": "view", "tower": "pointer",
             "samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}

@@ -294,3 +294,21 @@ def test_choice_questions_are_answered_with_the_option_text(traces):
         assert trace.correct
         checked += 1
     assert checked >= 20
+
+
+def test_vision_ids_label_the_frames_in_traces_and_their_stage_items(tmp_path):
+    from agents.vlm.chat import ChatFormat
+
+    options = TraceOptions(chat_format=ChatFormat(question_first=True, vision_ids=True))
+    video = [t for t in synthesize_traces({"video": {"shortcut_share": 0.0}}, 4, 0, seed=2, options=options,
+                                          progress=False) if t.kind == "video/single"]
+    assert video
+    trace = video[0]
+    text = "".join(piece for piece, _ in trace.segments())
+    assert [text.count(f"Picture {k}: <|vision_start|>") for k in (1, 16, 17)] == [1, 1, 1]
+    pointing = "".join(piece for piece, _ in trace.pointing()[0])
+    assert "Picture 16: <|vision_start|>" in pointing and "Picture 17" not in pointing
+    reading, images = trace.reading()
+    assert "".join(piece for piece, _ in reading).count("Picture ") == len(images)  # the selected frames, from 1
+    save_traces(video[:1], tmp_path)
+    assert load_traces(tmp_path)[0].segments() == trace.segments()

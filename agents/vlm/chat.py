@@ -83,10 +83,15 @@ class ChatFormat:
     question_first: bool = False
     """Put the question text before the image(s) in the first user message (a causal model
     can then condition its image tokens on the question)."""
+    vision_ids: bool = False
+    """Write ``Picture k: `` before each image, k counting the conversation's images from 1 (the
+    chat template's ``add_vision_id``): the initial frames of a video then carry the numbers
+    ``select_frames`` takes, which a model that sees frames as separate images cannot
+    otherwise read off its input."""
 
     def conversation(self) -> "Conversation":
         """A new `Conversation` in this format."""
-        return Conversation(system=self.system, question_first=self.question_first)
+        return Conversation(system=self.system, question_first=self.question_first, vision_ids=self.vision_ids)
 
 
 def save_chat_format(chat_format: ChatFormat, directory: str | Path) -> Path:
@@ -103,9 +108,9 @@ def load_chat_format(directory: str | Path) -> ChatFormat:
     if not path.is_file():
         return ChatFormat()
     data = json.loads(path.read_text())
-    unknown = sorted(set(data) - {"system", "question_first"})
+    unknown = sorted(set(data) - {"system", "question_first", "vision_ids"})
     if unknown:
-        raise ValueError(f"{path} has unknown keys {unknown}; expected 'system' and 'question_first'")
+        raise ValueError(f"{path} has unknown keys {unknown}; expected 'system', 'question_first' and 'vision_ids'")
     return ChatFormat(**data)
 
 
@@ -128,13 +133,17 @@ def system_prompt(tools: Sequence[Mapping[str, Any]] = TOOL_SCHEMAS, instruction
     )
 
 
-def _render_content(content: str | Sequence[Mapping[str, Any]]) -> str:
+def _render_content(content: str | Sequence[Mapping[str, Any]], vision_id: int | None = None) -> str:
+    """A message's content as text; with `vision_id`, images are labelled ``Picture k: `` from k = `vision_id`."""
     if isinstance(content, str):
         return content
     parts = []
     for item in content:
         kind = item.get("type")
         if kind == "image" or "image" in item or "image_url" in item:
+            if vision_id is not None:
+                parts.append(f"Picture {vision_id}: ")
+                vision_id += 1
             parts.append(IMAGE_PLACEHOLDER)
         elif "text" in item:
             parts.append(item["text"])
@@ -143,22 +152,33 @@ def _render_content(content: str | Sequence[Mapping[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _render_message(message: Message) -> str:
-    return f"{IM_START}{message['role']}\n{_render_content(message['content'])}{IM_END}\n"
+def _render_message(message: Message, vision_id: int | None = None) -> str:
+    return f"{IM_START}{message['role']}\n{_render_content(message['content'], vision_id)}{IM_END}\n"
 
 
-def render_messages(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+def _image_count(message: Message) -> int:
+    content = message["content"]
+    return 0 if isinstance(content, str) else sum(
+        item.get("type") == "image" or "image" in item or "image_url" in item for item in content)
+
+
+def render_messages(messages: Sequence[Message], add_generation_prompt: bool = True,
+                    add_vision_id: bool = False) -> str:
     """Render messages exactly as the Qwen2-VL chat template does (without video items).
 
     Each message is ``<|im_start|>{role}\n{content}<|im_end|>\n``; an image item renders
-    as ``<|vision_start|><|image_pad|><|vision_end|>``; a conversation that does not open
+    as ``<|vision_start|><|image_pad|><|vision_end|>`` (after ``Picture k: `` with
+    `add_vision_id`, k counting the images from 1); a conversation that does not open
     with a system message gets the default one; the generation prompt is
     ``<|im_start|>assistant\n``.
     """
     out = []
     if messages and messages[0]["role"] != "system":
         out.append(f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n")
-    out.extend(_render_message(message) for message in messages)
+    seen = 0
+    for message in messages:
+        out.append(_render_message(message, seen + 1 if add_vision_id else None))
+        seen += _image_count(message)
     if add_generation_prompt:
         out.append(GENERATION_PROMPT)
     return "".join(out)
@@ -198,8 +218,8 @@ class Conversation:
     removed before decoding.
     """
 
-    def __init__(self, system: str | None = None, question_first: bool = False) -> None:
-        self.question_first = question_first
+    def __init__(self, system: str | None = None, question_first: bool = False, vision_ids: bool = False) -> None:
+        self.question_first, self.vision_ids = question_first, vision_ids
         self.messages: list[Message] = [
             {"role": "system", "content": [{"type": "text", "text": system_prompt() if system is None else system}]}
         ]
@@ -230,8 +250,8 @@ class Conversation:
             raise ValueError("an observation needs text or images")
         message = {"role": "user", "content": content}
         self.messages.append(message)
+        user = _render_message(message, len(self.images) + 1 if self.vision_ids else None) + GENERATION_PROMPT
         self.images.extend(images)
-        user = _render_message(message) + GENERATION_PROMPT
         if first:
             return _render_message(self.messages[0]) + user
         closer = "\n" if self._closed else f"{IM_END}\n"
@@ -247,4 +267,4 @@ class Conversation:
 
     def render(self, add_generation_prompt: bool = True) -> str:
         """The whole conversation as prompt text (the chat template's output)."""
-        return render_messages(self.messages, add_generation_prompt=add_generation_prompt)
+        return render_messages(self.messages, add_generation_prompt=add_generation_prompt, add_vision_id=self.vision_ids)

@@ -219,13 +219,13 @@ class ChatPolicy(ABC):
 
     def __init__(self, processor: Any, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (TOOL_CALL_END,), system: str | None = None,
-                 question_first: bool = False, seed: int = 0) -> None:
+                 question_first: bool = False, vision_ids: bool = False, seed: int = 0) -> None:
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
             raise ValueError("need temperature >= 0 (0 is greedy), 0 < top_p <= 1, top_k >= 0 (0 is off), "
                              "max_new_tokens >= 1")
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.temperature, self.top_p, self.top_k, self.max_new_tokens = temperature, top_p, top_k, max_new_tokens
-        self.system, self.question_first = system, question_first
+        self.system, self.question_first, self.vision_ids = system, question_first, vision_ids
         end_of_turn = self.tokenizer.convert_tokens_to_ids(IM_END)
         if end_of_turn is None or end_of_turn == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IM_END} token: the chat layer needs the Qwen2 chat markup")
@@ -241,6 +241,11 @@ class ChatPolicy(ABC):
         self._generator = torch.Generator()
         self.seed(seed)
 
+    @property
+    def chat_format(self) -> ChatFormat:
+        """The layout of this policy's conversations."""
+        return ChatFormat(self.system, self.question_first, self.vision_ids)
+
     def seed(self, seed: int) -> None:
         """Restart the sampling stream from `seed`."""
         self._generator.manual_seed(seed)
@@ -249,7 +254,7 @@ class ChatPolicy(ABC):
         return int(torch.randint(0, 2**62, (1,), generator=self._generator))
 
     def reset(self, context: EpisodeContext) -> None:
-        context.state["vlm"] = self.state_class(Conversation(system=self.system, question_first=self.question_first))
+        context.state["vlm"] = self.state_class(self.chat_format.conversation())
 
     def act(self, observations: Sequence[Any], contexts: Sequence[EpisodeContext]) -> list[Generation]:
         """One turn for every episode: extend each conversation, generate, return `Generation`s."""
@@ -369,7 +374,7 @@ class TransformersPolicy(ChatPolicy):
         `options` are the constructor's sampling and batching options. The tiny model of
         `agents.vlm.tiny` is registered first, so its checkpoints load like any other. A
         folder's saved `ChatFormat` (`agents.vlm.chat.load_chat_format`) gives the default
-        ``system`` and ``question_first``; checkpoints without one keep the standard format.
+        ``system``, ``question_first`` and ``vision_ids``; checkpoints without one keep the standard format.
         Its saved env settings (`agents.vlm.env_settings`) become ``policy.env_kwargs``.
         """
         from transformers import AutoProcessor
@@ -377,7 +382,8 @@ class TransformersPolicy(ChatPolicy):
         model = load_model(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         chat_format = load_chat_format(name_or_path) if Path(name_or_path).is_dir() else ChatFormat()
-        options = {"system": chat_format.system, "question_first": chat_format.question_first, **options}
+        options = {"system": chat_format.system, "question_first": chat_format.question_first,
+                   "vision_ids": chat_format.vision_ids, **options}
         policy = cls(model, processor, **options)
         policy.env_kwargs = load_env_settings(name_or_path)
         return policy
@@ -388,7 +394,7 @@ class TransformersPolicy(ChatPolicy):
         `state_dict`: the model weights to write instead of its own (a sharded model's full ones)."""
         self.model.save_pretrained(path, state_dict=state_dict)
         self.processor.save_pretrained(path)
-        save_chat_format(ChatFormat(self.system, self.question_first), path)
+        save_chat_format(self.chat_format, path)
         save_env_settings(self.env_kwargs, path)
 
     state_class = _FeatureState
