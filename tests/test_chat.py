@@ -136,3 +136,8 @@ def test_vision_ids_number_the_images_across_turns_as_the_chat_template_does(que
     (tmp_path / "chat_format.json").write_text('{"vision_id": true}')
     with pytest.raises(ValueError, match="unknown keys"):
         load_chat_format(tmp_path)
+
+
+def test_unknown_content_items_are_refused():
+    with pytest.raises(ValueError, match="cannot render content item of type 'audio'"):
+        render_messages([{"role": "user", "content": [{"type": "audio"}]}])

@@ -133,14 +133,17 @@ def system_prompt(tools: Sequence[Mapping[str, Any]] = TOOL_SCHEMAS, instruction
     )
 
 
+def _is_image(item: Mapping[str, Any]) -> bool:
+    return item.get("type") == "image" or "image" in item or "image_url" in item
+
+
 def _render_content(content: str | Sequence[Mapping[str, Any]], vision_id: int | None = None) -> str:
     """A message's content as text; with `vision_id`, images are labelled ``Picture k: `` from k = `vision_id`."""
     if isinstance(content, str):
         return content
     parts = []
     for item in content:
-        kind = item.get("type")
-        if kind == "image" or "image" in item or "image_url" in item:
+        if _is_image(item):
             if vision_id is not None:
                 parts.append(f"Picture {vision_id}: ")
                 vision_id += 1
@@ -148,7 +151,7 @@ def _render_content(content: str | Sequence[Mapping[str, Any]], vision_id: int |
         elif "text" in item:
             parts.append(item["text"])
         else:
-            raise ValueError(f"cannot render content item of type {kind!r}: expected 'image' or 'text'")
+            raise ValueError(f"cannot render content item of type {item.get('type')!r}: expected 'image' or 'text'")
     return "".join(parts)
 
 
@@ -158,8 +161,7 @@ def _render_message(message: Message, vision_id: int | None = None) -> str:
 
 def _image_count(message: Message) -> int:
     content = message["content"]
-    return 0 if isinstance(content, str) else sum(
-        item.get("type") == "image" or "image" in item or "image_url" in item for item in content)
+    return 0 if isinstance(content, str) else sum(map(_is_image, content))
 
 
 def render_messages(messages: Sequence[Message], add_generation_prompt: bool = True,
