@@ -99,7 +99,8 @@ class VisionPretrainConfig:
         if self.glyph_head not in ("token", "pooled", "both"):
             raise ValueError(f"vision pretraining glyph_head must be 'token', 'pooled' or 'both', got {self.glyph_head!r}")
         if self.target in ("glyph", "frame-glyph") and self.tower == "pointer":
-            raise ValueError(f"the pointer stem is pretrained on a dense target ('dense' or 'view'), not {self.target!r}")
+            raise ValueError("the pointer stem is pretrained on a dense target ('dense', 'view' or 'frame-view'), "
+                             f"not {self.target!r}")
         if self.lr <= 0 or self.minutes is not None and self.minutes <= 0:
             raise ValueError("vision pretraining needs lr > 0 and minutes > 0 when set")
 
@@ -139,6 +140,24 @@ def drawn_apart(n: int, seed: int, salt: int, draw: Callable[[np.random.Generato
             for result in items]
 
 
+def _video_pieces(source: TaskSource, n: int, seed: int, salt: int, target: str, items: str,
+                  pieces: Callable[[Any, np.random.Generator], list[tuple[np.ndarray, Points, str]]]
+                  ) -> tuple[list[np.ndarray], list[Points], list[str]]:
+    """`pieces(sample, rng)` over `n` video samples drawn apart (`drawn_apart`), as images, points and ids
+    (`target` and `items` name the target and what it reads, for the errors)."""
+    def draw(rng: np.random.Generator) -> list[tuple[np.ndarray, Points, str]]:
+        sample = source.sample(rng)
+        if sample.family != "video":
+            raise ValueError(f"the {target} target reads video samples, not {sample.family!r}")
+        return pieces(sample, rng)
+
+    drawn = drawn_apart(n, seed, salt, draw)
+    if not drawn:
+        raise ValueError(f"vision pretraining found no {items} item in its task spec")
+    images, points, ids = (list(column) for column in zip(*drawn))
+    return images, points, ids
+
+
 def frame_glyphs(source: TaskSource, n: int, seed: int, frame_bounds: tuple[int, int]
                  ) -> tuple[list[np.ndarray], list[Points], list[str]]:
     """Windows of the evidence frames of `n` video digit samples, the flashing digit in each
@@ -150,10 +169,7 @@ def frame_glyphs(source: TaskSource, n: int, seed: int, frame_bounds: tuple[int,
     tokens, and each clip gives two or three windows. Samples of the other video kinds are
     drawn and skipped. The clips are drawn apart over the processes (`drawn_apart`).
     """
-    def windows(rng: np.random.Generator) -> list[tuple[np.ndarray, Points, str]]:
-        sample = source.sample(rng)
-        if sample.family != "video":
-            raise ValueError(f"the frame-glyph target reads video samples, not {sample.family!r}")
+    def windows(sample: Any, rng: np.random.Generator) -> list[tuple[np.ndarray, Points, str]]:
         target = sample.meta["target"]
         if sample.meta["kind"] != "digit":
             return []
@@ -170,11 +186,7 @@ def frame_glyphs(source: TaskSource, n: int, seed: int, frame_bounds: tuple[int,
                         [((x - left) / win_w, (y - top) / win_h, GLYPHS.index(target["digit"]))], sample.sample_id))
         return out
 
-    drawn = drawn_apart(n, seed, 17, windows)
-    if not drawn:
-        raise ValueError("vision pretraining found no video digit item in its task spec")
-    images, points, ids = (list(column) for column in zip(*drawn))
-    return images, points, ids
+    return _video_pieces(source, n, seed, 17, "frame-glyph", "video digit", windows)
 
 
 def _shown_objects(sample: Any, glyphs: bool = True) -> list[tuple[tuple[float, float, float, float], int]]:
@@ -269,10 +281,7 @@ def initial_frames(source: TaskSource, n: int, seed: int, video_bounds: tuple[in
     digit is 2.5-3.75 px on a square of 4-5 px: this target marks which frames hold it. The
     moving clutter is not marked. The clips are drawn apart over the processes (`drawn_apart`).
     """
-    def frames_of(rng: np.random.Generator) -> list[tuple[np.ndarray, Points, str]]:
-        sample = source.sample(rng)
-        if sample.family != "video":
-            raise ValueError(f"the frame-view target reads video samples, not {sample.family!r}")
+    def frames_of(sample: Any, rng: np.random.Generator) -> list[tuple[np.ndarray, Points, str]]:
         frames, out = sample.load_frames(), []
         height, width = frames.shape[1:3]
         for t, frame in enumerate(frames):
@@ -289,8 +298,7 @@ def initial_frames(source: TaskSource, n: int, seed: int, video_bounds: tuple[in
             out.append((smart_resize(frame, video_bounds), marks, sample.sample_id))
         return out
 
-    images, points, ids = (list(column) for column in zip(*drawn_apart(n, seed, 19, frames_of)))
-    return images, points, ids
+    return _video_pieces(source, n, seed, 19, "frame-view", "video", frames_of)
 
 
 class PointerStemTower(torch.nn.Module):
