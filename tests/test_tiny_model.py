@@ -401,6 +401,40 @@ def test_bidirectional_images_let_image_tokens_see_later_ones_only_within_their_
     _assert_round_trips(model, batch, tmp_path)
 
 
+def test_image_numbers_mark_each_images_tokens_start_at_zero_and_round_trip(processor, batch, tmp_path):
+    """With ``image_numbers`` n the tokens of the k-th image of a row (k <= n) get row k of a
+    table that starts at zero (outputs unchanged); text and later images get nothing."""
+    from agents.vlm.tiny.modeling_tiny_vlm import ImageNumbers
+
+    ids = torch.tensor([[5, 9, 9, 5, 9, 5, 9, 9, 9]])
+    table = ImageNumbers(2, 4)
+    with torch.no_grad():
+        table.weight.copy_(torch.arange(3, dtype=torch.float)[:, None].expand(3, 4))
+    assert table(ids, 9)[0, :, 0].tolist() == [0, 1, 1, 0, 2, 0, 0, 0, 0]
+
+    small = dict(hidden_size=64, intermediate_size=128)
+    model = build_tiny_model(processor, seed=0, image_numbers=16, **small).eval()
+    plain = build_tiny_model(processor, seed=0, **small).eval()
+    assert model.model.image_numbers.weight.abs().sum() == 0
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["model.image_numbers.weight"]
+    _, inputs = batch
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain(**inputs).logits)
+        model.model.image_numbers.weight[1:].normal_()
+        numbered = model(**inputs).logits
+    video = 2  # the row with 16 frames: its answer now depends on the frames' numbers
+    assert not torch.allclose(numbered[video, -1], plain(**inputs).logits[video, -1])
+    ids = inputs["input_ids"]
+    first = int((ids[video] == model.config.image_token_id).nonzero()[0, 0])
+    text = model.config.box_token_start_id  # box logits read the image tokens at every position
+    torch.testing.assert_close(numbered[video, :first, :text], plain(**inputs).logits[video, :first, :text])
+    _assert_cached_generation_matches_uncached(model, inputs)
+    _assert_round_trips(model, batch, tmp_path)
+    with pytest.raises(Exception, match="image_numbers must be 0"):
+        build_tiny_model(processor, seed=0, image_numbers=-1, **small)
+
+
 @pytest.mark.parametrize("options, branch", [({"pointer_question": True}, "question"),
                                              ({"pointer_match": True}, "match_question"),
                                              ({"pointer_match": True, "pointer_match_features": "encoder"},

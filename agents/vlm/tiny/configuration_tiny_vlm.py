@@ -80,6 +80,15 @@ class TinyVLMConfig(PreTrainedConfig):
             both ways (the rest stays causal). Causally, an image token sees only the tokens
             above and left of it, so the pointer's key of a chart value cannot take in the
             bar below it, whose colour the question names (measured in docs/results.md).
+        image_numbers: add to the decoder's tokens of the k-th image of the input (k up to
+            this number; 0: off) a learned vector of k, starting at zero, as Qwen2-VL's
+            rotary positions give video frames a time index. Choosing frames means writing
+            the number of the frame that shows the evidence; with the number on the frame's
+            own tokens, one attention hop from the answer to that token carries it (the
+            ``Picture k:`` labels of `agents.vlm.chat.ChatFormat.vision_ids` need a second hop
+            that first moves the label into the frame). Images are counted within one forward
+            pass: a pass that holds images must hold all of the conversation's, as every
+            turn of `agents.vlm.hf.TransformersPolicy` does.
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
         box_token_start_id: id of the first box token; ``vocab_size - box_token_start_id``
@@ -120,6 +129,7 @@ class TinyVLMConfig(PreTrainedConfig):
     pointer_match_features: str = "pixels"
     pointer_match_encoder: bool = False
     bidirectional_images: bool = False
+    image_numbers: int = 0
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
     box_token_start_id: int | None = None
@@ -156,6 +166,8 @@ class TinyVLMConfig(PreTrainedConfig):
                              f"got {self.pointer_match_features!r}")
         if self.pointer_match_encoder and not (self.pointer_match and self.pointer_match_features != "pixels"):
             raise ValueError("pointer_match_encoder needs pointer_match with pointer_match_features 'encoder' or 'both'")
+        if self.image_numbers < 0:
+            raise ValueError(f"image_numbers must be 0 (off) or a positive count, got {self.image_numbers}")
         if self.pointer_subcells < 1:
             raise ValueError(f"pointer_subcells must be at least 1, got {self.pointer_subcells}")
         if self.patch_size % 8:

@@ -12,7 +12,8 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
   the token grid, max-pooled, adds one vector per image to all its tokens);
   fixed 2D sin/cos positions are added (rotary positions alone carry no absolute
   location, and pointing needs it); a few bidirectional layers mix the tokens of each
-  image. The results replace the ``<|image_pad|>`` embeddings.
+  image. The results replace the ``<|image_pad|>`` embeddings; with ``image_numbers``, a
+  learned vector of each image's number in the input is added to its tokens.
 - **Decoder.** Pre-norm causal transformer (RMSNorm, rotary positions, SwiGLU), KV cache
   through `transformers.DynamicCache`, LM head tied to the embeddings.
 - **Pointer head.** The logits of the box tokens (the last ids of the vocabulary, see
@@ -454,6 +455,20 @@ class TinyVLMTextHead(nn.Linear):
         return F.linear(hidden, self.weight[:self.text_rows])
 
 
+class ImageNumbers(nn.Embedding):
+    """Row k: the vector added to the tokens of the input's k-th image; row 0 (text, and
+    images past the last row) stays zero. Starts at zero, so a saved model given it is unchanged."""
+
+    def __init__(self, count: int, hidden_size: int) -> None:
+        super().__init__(count + 1, hidden_size, padding_idx=0)
+
+    def forward(self, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+        is_image = input_ids == image_token_id
+        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+        number = starts.long().cumsum(-1) * is_image
+        return super().forward(torch.where(number < self.num_embeddings, number, 0))
+
+
 class TinyVLMPreTrainedModel(PreTrainedModel):
     """Weight initialisation and the transformers plumbing shared by the tiny VLM classes."""
 
@@ -468,7 +483,7 @@ class TinyVLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, nn.Conv2d):
             init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif isinstance(module, ZeroInitLinear):
+        elif isinstance(module, (ZeroInitLinear, ImageNumbers)):
             init.zeros_(module.weight)
         elif isinstance(module, TinyVLMPointerHead):
             # Start with as much mass on all box tokens together as on one ordinary token.
@@ -482,6 +497,7 @@ class TinyVLMModel(TinyVLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.vision = TinyVLMVisionEncoder(config)
+        self.image_numbers = ImageNumbers(config.image_numbers, config.hidden_size) if config.image_numbers else None
         self.layers = nn.ModuleList(TinyVLMLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = TinyVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
@@ -507,7 +523,10 @@ class TinyVLMModel(TinyVLMPreTrainedModel):
         features = self.vision(pixel_values.to(embeds.dtype), image_grid_thw)
         if features.shape[0] != n_slots:
             raise ValueError(f"input_ids hold {n_slots} image tokens but the images give {features.shape[0]}")
-        return embeds.masked_scatter(image_mask[..., None], features)
+        embeds = embeds.masked_scatter(image_mask[..., None], features)
+        if self.image_numbers is not None:
+            embeds = embeds + self.image_numbers(input_ids, self.config.image_token_id)
+        return embeds
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary cos/sin ``(B, 1, L, head_dim)`` for the positions (computed, not stored as buffers)."""
