@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id) of the policy")
     parser.add_argument("--tasks", default=json.dumps(PROBE_TASKS), help="video task spec JSON (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=64, help="held-out items of the frame choice (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=64, help="held-out items of the frame choice, 0: skip it (default: %(default)s)")
     parser.add_argument("--probe-clips", type=int, default=300, help="clips of the flash probe, 0: skip it (default: %(default)s)")
     parser.add_argument("--first-seed", type=int, default=10_000_000, help="held-out seeds start here")
     args = parser.parse_args(argv)
@@ -189,8 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"the frame probe reads the video family alone, got {sorted(tasks)}")
     source = task_source(tasks)
     policy = TransformersPolicy.from_pretrained(args.model, temperature=0.0, max_new_tokens=96, max_batch_size=16)
-    ids = eval_sample_ids(tasks, args.samples, args.first_seed, set())
-    report: dict[str, Any] = {"frame_choice": summarize_choices(first_choices(policy, source, ids, policy.env_kwargs))}
+    report: dict[str, Any] = {}
+    if args.samples:
+        ids = eval_sample_ids(tasks, args.samples, args.first_seed, set())
+        report["frame_choice"] = summarize_choices(first_choices(policy, source, ids, policy.env_kwargs))
     if args.probe_clips:
         bounds = gym.make("PixelQA-v0", **policy.env_kwargs).unwrapped.bounds.video
         samples = [source.get(i) for i in eval_sample_ids(tasks, args.probe_clips, args.first_seed + 1_000_000, set())]
