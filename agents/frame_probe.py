@@ -96,7 +96,11 @@ class FrameFeatures:
 
 @torch.no_grad()
 def frame_features(model: Any, processor: Any, samples: Sequence[Sample], video_bounds: tuple[int, int]) -> FrameFeatures:
-    """The image encoder's tokens of every frame of `samples` (digit items) as the env first shows them."""
+    """The image encoder's tokens of every frame of `samples` (digit items) as the env first shows them
+    (the tiny model's encoder, ``model.model.vision``)."""
+    vision = getattr(getattr(model, "model", None), "vision", None)
+    if vision is None:
+        raise ValueError(f"the flash probe reads the tiny model's image encoder; {type(model).__name__} has none")
     at_target, pooled, flash, tiers, clips = [], [], [], [], []
     for index, sample in enumerate(samples):
         target = sample.meta.get("target", {})
@@ -106,7 +110,7 @@ def frame_features(model: Any, processor: Any, samples: Sequence[Sample], video_
         shown = [ops.smart_resize(frame, video_bounds) for frame in frames]
         inputs = processor.image_processor(shown, return_tensors="pt")
         _, grid_h, grid_w = (int(v) for v in inputs["image_grid_thw"][0])
-        tokens = model.model.vision(inputs["pixel_values"].to(model.dtype), inputs["image_grid_thw"])
+        tokens = vision(inputs["pixel_values"].to(model.dtype), inputs["image_grid_thw"])
         tokens = tokens.float().view(len(shown), grid_h * grid_w, -1)
         height, width = frames.shape[1:3]
         left, top, right, bottom = target["box"]

@@ -65,6 +65,8 @@ def test_frame_features_label_the_flash_frames_and_read_the_token_under_the_squa
         flashing = np.flatnonzero(features.flash[features.clip == clip]) + 1  # 1-based, as the env numbers frames
         assert tuple(flashing) == tuple(sample.evidence_frames)
     assert (features.pooled >= features.at_target - 1e-6).all()  # a max over the tokens holds the one under the square
+    with pytest.raises(ValueError, match="reads the tiny model's image encoder"):
+        frame_features(torch.nn.Linear(2, 2), processor, samples, bounds)
     with pytest.raises(ValueError, match="not a video digit item"):
         frame_features(model, processor, [task_source({"zoom-read": {}}).get("zoom-read/1")], bounds)
 

@@ -455,6 +455,11 @@ class TinyVLMTextHead(nn.Linear):
         return F.linear(hidden, self.weight[:self.text_rows])
 
 
+def image_starts(is_image: torch.Tensor) -> torch.Tensor:
+    """``(B, L)``: the first token of each run of image tokens (one run is one image)."""
+    return is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+
+
 class ImageNumbers(nn.Embedding):
     """Row k: the vector added to the tokens of the input's k-th image; row 0 (text, and
     images past the last row) stays zero. Starts at zero, so a saved model given it is unchanged."""
@@ -464,8 +469,7 @@ class ImageNumbers(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
         is_image = input_ids == image_token_id
-        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
-        number = starts.long().cumsum(-1) * is_image
+        number = image_starts(is_image).long().cumsum(-1) * is_image
         return super().forward(torch.where(number < self.num_embeddings, number, 0))
 
 
@@ -581,8 +585,7 @@ def _decoder_mask(attention_mask: torch.Tensor | None, length: int, past: int, d
     k_pos = torch.arange(past + length, device=device)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None]
     if image_tokens is not None and length > 1:
-        starts = image_tokens & ~F.pad(image_tokens, (1, 0))[:, :-1]
-        block = starts.long().cumsum(-1) * image_tokens
+        block = image_starts(image_tokens).long().cumsum(-1) * image_tokens
         same = (block[:, :, None] == block[:, None, :]) & image_tokens[:, :, None]
         allowed = allowed | F.pad(same, (past, 0))
     if attention_mask is None:
@@ -653,8 +656,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         match = {source: hidden.new_zeros(batch, self.config.pointer_grid ** 2, self.config.pointer_dim)
                  for source in sources}
         parts = torch.zeros(batch, self.config.pointer_grid ** 2, dtype=torch.long, device=hidden.device)
-        is_image = input_ids == self.config.image_token_id
-        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+        starts = image_starts(input_ids == self.config.image_token_id)
         per_row = starts.sum(-1)
         valid = per_row > 0
         if image_grid_thw is not None and bool(valid.any()):
