@@ -48,11 +48,16 @@ View = tuple[list[tuple[str, bool]], list[np.ndarray]]
 """A pointing view: the segments and images of `Trace.pointing`, whose trained turn holds the first box token."""
 
 
+def box_ids(config: Any) -> slice:
+    """The ids of a tiny model's box tokens (the frame-window tokens, if any, follow them)."""
+    return slice(config.box_token_start_id, config.box_token_start_id + config.num_boxes)
+
+
 @torch.no_grad()
 def first_box_probs(model: Any, processor: Any, views: Sequence[View], batch_size: int = 16) -> torch.Tensor:
     """``(len(views), vocab)`` next-token probabilities (temperature 1) at the first box token of
     each view, after the text before it (teacher forcing). The model is left in its mode."""
-    start = model.config.box_token_start_id
+    boxes = box_ids(model.config)
     was_training = model.training
     model.eval()
     rows: list[torch.Tensor] = []
@@ -61,7 +66,8 @@ def first_box_probs(model: Any, processor: Any, views: Sequence[View], batch_siz
             items, positions = [], []
             for segments, images in views[first:first + batch_size]:
                 item = encode_segments(processor, segments, images)
-                box_at = ((item["input_ids"] >= start) & item["loss_mask"].bool()).nonzero().flatten()
+                ids = item["input_ids"]
+                box_at = ((ids >= boxes.start) & (ids < boxes.stop) & item["loss_mask"].bool()).nonzero().flatten()
                 if len(box_at) == 0:
                     raise ValueError("a pointing view's trained turn holds no box token")
                 items.append(item)
@@ -93,13 +99,13 @@ def first_box_hit_mass(model: Any, processor: Any, traces: Sequence[Trace], sour
     others = sorted({t.kind for t in traces if t.kind != "image/single"})
     if others:
         raise ValueError(f"box mass is read on image/single traces (one crop of the evidence), got {others}")
-    start = model.config.box_token_start_id
+    boxes = box_ids(model.config)
     probs = first_box_probs(model, processor, [t.pointing() for t in traces], batch_size)
     rows: list[dict[str, float]] = []
     for row, hits in zip(probs, first_box_hits(traces, source, vocab, crop_padding)):
         top = int(row.argmax())
-        rows.append({"hit_mass": float(row[start:][hits].sum()), "top_mass": float(row[top]),
-                     "greedy_hit": float(top >= start and bool(hits[top - start]))})
+        rows.append({"hit_mass": float(row[boxes][hits].sum()), "top_mass": float(row[top]),
+                     "greedy_hit": float(boxes.start <= top < boxes.stop and bool(hits[top - boxes.start]))})
     return rows
 
 
@@ -128,7 +134,7 @@ def text_position_stats(model: Any, processor: Any, traces: Sequence[Trace], bat
             labels = batch["labels"][:, 1:]
             text = (labels != IGNORE_INDEX) & (labels < start)
             logp = torch.log_softmax(logits, dim=-1)
-            mass += float(logp[..., start:].exp().sum(-1)[text].sum())
+            mass += float(logp[..., box_ids(model.config)].exp().sum(-1)[text].sum())
             nll -= float(logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0][text].sum())
             count += int(text.sum())
     finally:
@@ -203,8 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = task_source(tasks)
     ids = eval_sample_ids(tasks, args.samples, SFTConfig.eval_seed, set())
     traces = [t for t in play_traces(source, ids, options=options) if t.kind == "image/single"]
-    start = model.config.box_token_start_id
-    probs = first_box_probs(model, processor, [t.pointing() for t in traces])[:, start:]
+    probs = first_box_probs(model, processor, [t.pointing() for t in traces])[:, box_ids(model.config)]
     probs = probs / probs.sum(dim=1, keepdim=True)
     hits = first_box_hits(traces, source, vocab, env_kwargs.get("crop_padding", ops.CROP_PADDING))
     report = exploration_report(probs, hits, args.temperatures, args.group_size)

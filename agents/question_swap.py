@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from agents.box_mass import crop_holds, first_box_probs, load_for_pointing
+from agents.box_mass import box_ids, crop_holds, first_box_probs, load_for_pointing
 from agents.traces import Trace
 from agents.vlm.chat import IM_END
 from agents.vlm.encoding import encode_segments
@@ -140,8 +140,8 @@ def question_swap(model: Any, processor: Any, traces: Sequence[Trace], source: T
             prompts += [(prompt, images), (swapped, images)]
             views += [(segments, images), ([(swapped, False), *segments[1:]], images)]
         texts = first_turns(model, processor, prompts, batch_size)
-        start = getattr(model.config, "box_token_start_id", None)
-        probs = first_box_probs(model, processor, views, batch_size)[:, start:] if start is not None else None
+        boxes = box_ids(model.config) if getattr(model.config, "box_token_start_id", None) is not None else None
+        probs = first_box_probs(model, processor, views, batch_size)[:, boxes] if boxes is not None else None
     finally:
         model.train(was_training)
     rows = []

@@ -66,7 +66,8 @@ from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
 from agents.vlm.hf import TransformersPolicy, freeze_parameters, load_model, matching_parameters, model_inputs, pad_items
-from agents.vlm.tiny import BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor
+from agents.vlm.tiny import (BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor, frame_windows,
+                             with_frame_windows)
 from pxr_env import ops
 from pxr_env.actions import extract_answer
 from pxr_env.scoring import score_answer
@@ -124,6 +125,7 @@ def task_source(spec: TaskSpec) -> TaskSource:
 
 
 BOX_VOCAB_KEYS = frozenset({"pointer_grid", "box_sizes"})
+FRAME_VOCAB_KEYS = frozenset({"frame_windows", "max_frames"})
 """Tiny-model config keys that set the box vocabulary, and so the processor's box tokens."""
 
 
@@ -187,7 +189,8 @@ class SFTConfig:
     model: dict[str, Any] = field(default_factory=dict)
     """`TinyVLMConfig` overrides of a fresh tiny model (``hidden_size``, ``vision_num_layers``, ...);
     with `init_from`, config values replaced in the saved model before its weights load, e.g.
-    ``{"pointer_match": true}`` to add that branch (its new weights initialised as in a fresh model)."""
+    ``{"pointer_match": true}`` to add that branch (its new weights initialised as in a fresh model);
+    ``frame_windows`` on a saved model without them appends their tokens (`agents.vlm.tiny.with_frame_windows`)."""
     system: str | None = TINY_SYSTEM
     """System prompt of the chat format (None: the standard tool prompt)."""
     question_first: bool = True
@@ -231,7 +234,7 @@ class SFTConfig:
     (``target: "view", tower: "pointer"``). Each takes its crops from its own task spec or
     the first stage's; their minutes count in `max_minutes`."""
     pointer_weight: float = 1.0
-    """Loss weight of box-token targets (one pointing decision among ~100 trained tokens of a trace)."""
+    """Loss weight of box-token and frame-window-token targets (one pointing decision among ~100 trained tokens of a trace)."""
     pointer_smoothing: float = 0.0
     """Share of a box token's target mass spread evenly over the same-size boxes of the 8 neighbouring cells.
     The `warmstart` preset uses none: with 0.1 its sampled boxes held the tag half as often as its
@@ -424,7 +427,7 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
     Positions labelled ``-100`` (prompts, tool outputs, deliberate mistakes, padding) add
     nothing. With `pointer_smoothing` > 0 a box-token target keeps ``1 - s`` of its mass
     and gives ``s`` evenly to the same-size boxes of its neighbouring cells (`neighbours`);
-    box-token targets weigh `pointer_weight` and the tokens of the final turn (the answer,
+    pointer targets (box and frame-window tokens) weigh `pointer_weight` and the tokens of the final turn (the answer,
     read from the last image) weigh `answer_weight` (the count stays the number of labelled tokens).
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
@@ -441,7 +444,7 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
     nll = -logprobs.gather(-1, targets[:, None]).squeeze(-1)
     start = getattr(model.config, "box_token_start_id", None)
     if pointer_smoothing > 0 and start is not None and neighbours is not None:
-        is_box = targets >= start
+        is_box = (targets >= start) & (targets < start + model.config.num_boxes)
         if bool(is_box.any()):
             near = neighbours.to(targets.device)[targets[is_box] - start]
             valid = near >= 0
@@ -603,10 +606,16 @@ def _build(config: SFTConfig) -> tuple[Any, Any]:
     if config.init_from is not None:
         from transformers import AutoProcessor
 
-        return (load_model(config.init_from, dtype=config.dtype, device=config.device, config_overrides=config.model),
-                AutoProcessor.from_pretrained(config.init_from))
-    boxes = box_vocab(TinyVLMConfig(**config.model))
-    processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes)
+        overrides = {k: v for k, v in config.model.items() if k not in FRAME_VOCAB_KEYS}
+        model = load_model(config.init_from, dtype=config.dtype, device=config.device, config_overrides=overrides)
+        processor = AutoProcessor.from_pretrained(config.init_from)
+        lengths = config.model.get("frame_windows")
+        if lengths and list(lengths) != list(getattr(model.config, "frame_windows", [])):
+            model, processor = with_frame_windows(model, processor, lengths, config.model.get("max_frames", 16))
+        return model, processor
+    fresh = TinyVLMConfig(**config.model)
+    boxes = box_vocab(fresh)
+    processor = build_tiny_processor(boxes=None if boxes == BoxVocab() else boxes, frames=frame_windows(fresh))
     return build_tiny_model(processor, seed=config.seed, **config.model).to(config.device), processor
 
 

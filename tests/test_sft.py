@@ -642,6 +642,35 @@ def test_init_from_with_model_overrides_adds_a_branch_to_the_saved_model(tmp_pat
         config(tmp_path / "bad", init_from=str(tmp_path / "base" / "final"), model={"pointer_grid": 14})
 
 
+def test_frame_windows_join_a_saved_model_and_its_video_pointing_trains_them(tmp_path: Path) -> None:
+    """``frame_windows`` with `init_from` appends the window tokens to the saved model and its
+    processor; a video pointing stage then labels the window token of its frame call, which
+    weighs `pointer_weight` (box smoothing leaves it alone), and the grown model trains and reloads."""
+    from transformers import AutoProcessor
+
+    train_sft(config(tmp_path / "base", max_steps=1, checkpoint_every=0))
+    video = {"video": {"questions": ["digit"], "shortcut_share": 1.0}}
+    stage = SFTStage(tasks=video, n_pixel=2, video_mix={"video/single": 1.0}, pointing=True, batch_size=2)
+    cfg = config(tmp_path / "frames", init_from=str(tmp_path / "base" / "final"), model={"frame_windows": [2, 3]},
+                 stages=[stage], max_steps=2, checkpoint_every=0, vision_ids=True, pointer_weight=5.0,
+                 pointer_smoothing=0.1)
+    model, processor = _build(cfg)
+    start = model.config.frame_token_start_id
+    assert len(processor.tokenizer) == model.config.vocab_size == start + 29
+    items, _ = stage_items(cfg, 0, processor, BoxVocab())
+    for item in items:
+        labelled = item["input_ids"][item["loss_mask"].bool()]
+        assert int((labelled >= start).sum()) == 2  # the frames named in the text, then in the call
+    batch = collate(items, processor.tokenizer.pad_token_id)
+    weighted, count = sft_loss_sum(model, batch, 0.1, neighbour_boxes(BoxVocab()), pointer_weight=5.0)
+    plain, _ = sft_loss_sum(model, batch, 0.1, neighbour_boxes(BoxVocab()))
+    assert torch.isfinite(weighted) and weighted > plain and count == int(batch["loss_mask"].sum())
+    train_sft(cfg)
+    reloaded = TransformersPolicy.from_pretrained(tmp_path / "frames" / "final").model
+    assert reloaded.config.frame_windows == [2, 3]
+    assert len(AutoProcessor.from_pretrained(tmp_path / "frames" / "final").tokenizer) == reloaded.config.vocab_size
+
+
 def test_the_seed_flag_overrides_the_presets_seed(tmp_path: Path, monkeypatch) -> None:
     import agents.sft as sft
 

@@ -19,6 +19,7 @@ they survive ``skip_special_tokens``), and the Qwen2-VL chat template.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 
 from agents.vlm.chat import QWEN2_VL_CHAT_TEMPLATE, system_prompt
 from agents.vlm.tiny.boxes import BoxVocab
+from agents.vlm.tiny.frames import FrameWindows
 from pxr_env import ops
 from pxr_env.actions import format_answer, format_tool_call, parse_turn
 
@@ -248,6 +250,19 @@ def with_box_tokens(tokenizer: Any, boxes: BoxVocab) -> Any:
         {"id": first + i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": False} for i, text in enumerate(boxes.texts)]
     return _wrap(Tokenizer.from_str(json.dumps(data)))
+
+
+def with_frame_tokens(tokenizer: Any, windows: FrameWindows) -> Any:
+    """A copy of `tokenizer` (a tiny-model tokenizer ending in its box tokens) with the
+    frame-window tokens of `windows` appended after them, as `agents.vlm.tiny.tiny_config` expects."""
+    from tokenizers import AddedToken
+
+    present = set(tokenizer.get_vocab())
+    if any(text in present for text in windows.texts):
+        raise ValueError("the tokenizer already holds frame-window tokens")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in windows.texts])
+    return tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from agents.vlm.tiny.boxes import DEFAULT_BOX_SIZES, DEFAULT_GRID
+from agents.vlm.tiny.frames import FrameWindows
 
 
 @strict
@@ -20,7 +21,7 @@ class TinyVLMConfig(PreTrainedConfig):
     shipped tokenizer); `build_tiny_model` fills the token ids from the tokenizer.
 
     Args:
-        vocab_size: all tokens, box tokens included (they are the last ones).
+        vocab_size: all tokens, box and frame-window tokens included (they are the last ones).
         hidden_size: width of the encoder, the decoder and the image tokens.
         intermediate_size: width of the SwiGLU MLPs.
         num_hidden_layers: decoder layers.
@@ -89,10 +90,20 @@ class TinyVLMConfig(PreTrainedConfig):
             that first moves the label into the frame). Images are counted within one forward
             pass: a pass that holds images must hold all of the conversation's, as every
             turn of `agents.vlm.hf.TransformersPolicy` does.
+        frame_windows: lengths of the runs of consecutive frames that have a token of their own
+            (`agents.vlm.tiny.frames`; empty: none). Their tokens follow the box tokens, and their
+            logits come from a frame pointer: ``q(h) . k_f / sqrt(d)`` averaged over the frames
+            ``f`` of the window, plus a bias per length, where ``k_f`` is the max over the tokens
+            of the input's f-th image of a key of their decoder states, gated by the question
+            like ``pointer_question``'s keys. A window naming an image the input does not hold
+            gets no mass. Written as digits, the frame choice stayed on fixed frames while the
+            encoder showed the small flash (docs/results.md); the pointer reads the frames' own
+            tokens.
+        max_frames: the frames the windows span (``1..max_frames``; the initial view's frames).
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
         box_token_start_id: id of the first box token; ``vocab_size - box_token_start_id``
-            must be ``pointer_grid**2 * len(box_sizes)``.
+            must be ``pointer_grid**2 * len(box_sizes)`` plus the frame-window tokens.
         box_slot_token_id: id of the token a box token follows (the `` [`` that opens a
             ``bbox_2d``); when set, box tokens get no mass after any other input token. The
             question-match term is the same at every position, so without the mask a GRPO
@@ -130,6 +141,8 @@ class TinyVLMConfig(PreTrainedConfig):
     pointer_match_encoder: bool = False
     bidirectional_images: bool = False
     image_numbers: int = 0
+    frame_windows: list[int] = field(default_factory=list)
+    max_frames: int = 16
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
     box_token_start_id: int | None = None
@@ -149,6 +162,16 @@ class TinyVLMConfig(PreTrainedConfig):
     def num_boxes(self) -> int:
         """Number of box tokens (cells x sizes)."""
         return self.pointer_grid * self.pointer_grid * len(self.box_sizes)
+
+    @property
+    def num_frame_tokens(self) -> int:
+        """Number of frame-window tokens (0 without `frame_windows`)."""
+        return sum(self.max_frames - n + 1 for n in self.frame_windows)
+
+    @property
+    def frame_token_start_id(self) -> int | None:
+        """Id of the first frame-window token: right after the box tokens."""
+        return None if self.box_token_start_id is None else self.box_token_start_id + self.num_boxes
 
     def validate_architecture(self) -> None:
         """Check the shapes fit together (run by ``@strict`` on construction)."""
@@ -172,9 +195,13 @@ class TinyVLMConfig(PreTrainedConfig):
             raise ValueError(f"pointer_subcells must be at least 1, got {self.pointer_subcells}")
         if self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 (the stem halves it three times), got {self.patch_size}")
-        if self.box_token_start_id is not None and self.vocab_size - self.box_token_start_id != self.num_boxes:
+        if self.frame_windows:
+            FrameWindows(tuple(self.frame_windows), self.max_frames)  # checks the lengths
+        pointer_tokens = self.num_boxes + self.num_frame_tokens
+        if self.box_token_start_id is not None and self.vocab_size - self.box_token_start_id != pointer_tokens:
             raise ValueError(
-                f"the box tokens must be the last {self.num_boxes} ids ({self.pointer_grid}^2 cells x "
-                f"{len(self.box_sizes)} sizes): vocab_size {self.vocab_size} - box_token_start_id "
-                f"{self.box_token_start_id} = {self.vocab_size - self.box_token_start_id}"
+                f"the box tokens ({self.pointer_grid}^2 cells x {len(self.box_sizes)} sizes) and then the "
+                f"{self.num_frame_tokens} frame-window tokens must be the last {pointer_tokens} ids: vocab_size "
+                f"{self.vocab_size} - box_token_start_id {self.box_token_start_id} = "
+                f"{self.vocab_size - self.box_token_start_id}"
             )

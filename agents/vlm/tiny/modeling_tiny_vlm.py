@@ -27,6 +27,9 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
   positions whose input token is not the one a box follows (``box_slot_token_id``). Options add
   a pointer stem of its own, a gate of the keys by the question (``pointer_question``) or
   a question-match term per cell (``pointer_match``).
+- **Frame pointer** (``frame_windows``). The frame-window tokens (after the box tokens, see
+  `agents.vlm.tiny.frames`) get their logits from keys max-pooled over each frame's tokens
+  (`TinyVLMFramePointer`), at every position of a row whose input holds the frames they name.
 
 The keys of image 1 are computed where its tokens are in the input and returned as
 ``pointer_keys`` / ``pointer_valid``; `generate` carries them to the decoding steps. A
@@ -55,14 +58,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, can_return_tuple
 
 from agents.vlm.tiny.configuration_tiny_vlm import TinyVLMConfig
+from agents.vlm.tiny.frames import FrameWindows
 
 
 @dataclass
 class TinyVLMCausalLMOutputWithPast(ModelOutput):
-    """Logits over the whole vocabulary (box tokens included), the cache and image 1's pointer keys.
+    """Logits over the whole vocabulary (box and frame tokens included), the cache and the pointers' keys.
 
     `pointer_keys` is ``(batch, pointer_grid**2, pointer_dim)``; `pointer_valid` is
-    ``(batch,)``, False for rows that have no image.
+    ``(batch,)``, False for rows that have no image. With ``frame_windows``, `frame_keys` is
+    ``(batch, max_frames, pointer_dim)`` and `frame_valid` ``(batch, max_frames)``.
     """
 
     loss: torch.Tensor | None = None
@@ -70,6 +75,8 @@ class TinyVLMCausalLMOutputWithPast(ModelOutput):
     cache: Cache | None = None
     pointer_keys: torch.Tensor | None = None
     pointer_valid: torch.Tensor | None = None
+    frame_keys: torch.Tensor | None = None
+    frame_valid: torch.Tensor | None = None
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int, ref_grid: int, device: torch.device) -> torch.Tensor:
@@ -439,6 +446,60 @@ class TinyVLMPointerHead(nn.Module):
         return logits.masked_fill(~valid[:, None, None], torch.finfo(logits.dtype).min)
 
 
+class TinyVLMFramePointer(nn.Module):
+    """Frame-window logits (`agents.vlm.tiny.frames`): a pointer over the frames of the input.
+
+    Frame ``f``'s key ``k_f`` is the elementwise max, over the decoder states of the tokens of
+    the input's f-th image, of ``key(s) * (1 + W u)`` (``u``: the state before image 1, the end
+    of the question; ``W`` starts at zero): a flash on a few tokens of one frame survives the
+    max. A window's logit is ``q(h) . k_f / sqrt(d)`` averaged over its frames plus a bias per
+    window length. Keys come from the states themselves, so the decoder's attention to the
+    question (question first) tells the asked square from the others.
+    """
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__()
+        windows = FrameWindows(tuple(config.frame_windows), config.max_frames)
+        self.max_frames = config.max_frames
+        self.query = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.key = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False)
+        self.length_bias = nn.Parameter(torch.zeros(len(windows.lengths)))
+        self.windows = windows
+
+    def members(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``(windows, max_frames)``: 1 / length on the frames of each window, 0 elsewhere (made
+        here, not kept as a buffer: non-persistent buffers are not restored by `from_pretrained`)."""
+        members = torch.zeros(len(self.windows), self.max_frames, device=device, dtype=dtype)
+        for w, frames in enumerate(self.windows.frames):
+            members[w, [f - 1 for f in frames]] = 1.0 / len(frames)
+        return members
+
+    def keys(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, L, hidden)`` states of `input_ids` -> ``(B, max_frames, dim)`` keys of images
+        ``1..max_frames`` and ``(B, max_frames)``: which of them the input holds."""
+        is_image = input_ids == image_token_id
+        starts = image_starts(is_image)
+        number = starts.long().cumsum(-1) * is_image
+        number = torch.where(number <= self.max_frames, number, 0)  # slot 0: text and later images
+        first = torch.where(starts.any(-1), starts.float().argmax(-1), 2)
+        asked = hidden[torch.arange(hidden.shape[0], device=hidden.device), (first - 2).clamp(min=0)]
+        keys = self.key(hidden) * (1 + self.question(asked))[:, None, :]
+        pooled = keys.new_zeros(keys.shape[0], self.max_frames + 1, keys.shape[-1])
+        pooled = pooled.scatter_reduce(1, number[..., None].expand_as(keys), keys, "amax", include_self=False)
+        valid = F.one_hot(number, self.max_frames + 1).any(1)
+        return pooled[:, 1:], valid[:, 1:]
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``(B, L, hidden)`` states, keys and validity from `keys` -> ``(B, L, windows)`` logits."""
+        scores = torch.einsum("bld,bfd->blf", self.query(hidden), keys) / math.sqrt(keys.shape[-1])
+        members = self.members(scores.device, scores.dtype)
+        lengths = torch.tensor([self.windows.lengths.index(len(f)) for f in self.windows.frames], device=scores.device)
+        logits = scores @ members.T + self.length_bias[lengths]
+        complete = ((~valid).to(scores.dtype) @ (members > 0).to(scores.dtype).T) == 0
+        return logits.masked_fill(~complete[:, None, :], torch.finfo(logits.dtype).min)
+
+
 class TinyVLMTextHead(nn.Linear):
     """The LM head, tied to the embeddings, whose output is the logits of the text tokens alone.
 
@@ -492,6 +553,8 @@ class TinyVLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, TinyVLMPointerHead):
             # Start with as much mass on all box tokens together as on one ordinary token.
             init.constant_(module.size_bias, -math.log(self.config.num_boxes))
+        elif isinstance(module, TinyVLMFramePointer):
+            init.constant_(module.length_bias, -math.log(self.config.num_frame_tokens))
 
 
 class TinyVLMModel(TinyVLMPreTrainedModel):
@@ -609,6 +672,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         self.model = TinyVLMModel(config)
         self.lm_head = TinyVLMTextHead(config.hidden_size, config.vocab_size, text_rows=config.box_token_start_id)
         self.pointer = TinyVLMPointerHead(config)
+        self.frames = TinyVLMFramePointer(config) if config.frame_windows else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -702,13 +766,15 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, pointer_keys: torch.Tensor | None = None,
-                pointer_valid: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                pointer_valid: torch.Tensor | None = None, frame_keys: torch.Tensor | None = None,
+                frame_valid: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs: Any) -> TinyVLMCausalLMOutputWithPast:
         r"""Logits for every kept position over the whole vocabulary.
 
         `labels` (``-100`` ignored) give the usual shifted next-token loss. `pointer_keys` /
         `pointer_valid` (from a previous output) are used instead of image 1's tokens in
         this input; without them and without image 1 in `input_ids`, box tokens get no mass.
+        `frame_keys` / `frame_valid` likewise stand for the frames' tokens (``frame_windows``).
         `logits_to_keep`: 0 keeps all positions, ``n`` the last ``n``, a 1D tensor those indices.
         """
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
@@ -731,17 +797,29 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 pointer_keys, pointer_valid = self.image_one_keys(hidden, input_ids, image_grid_thw, pixel_values)
         elif pointer_valid is None:
             raise ValueError("pointer_keys need pointer_valid (both come in the model's output)")
+        if self.frames is not None and frame_keys is None:
+            if input_ids is None:
+                frame_keys = hidden.new_zeros(hidden.shape[0], self.config.max_frames, self.config.pointer_dim)
+                frame_valid = torch.zeros(frame_keys.shape[:2], dtype=torch.bool, device=hidden.device)
+            else:
+                frame_keys, frame_valid = self.frames.keys(hidden, input_ids, self.config.image_token_id)
+        elif frame_keys is not None and frame_valid is None:
+            raise ValueError("frame_keys need frame_valid (both come in the model's output)")
         hidden = hidden[:, kept]
         if slot is None:
             boxes = self.pointer(hidden, pointer_keys, pointer_valid)
         else:
             boxes = self.slot_box_logits(hidden, pointer_keys, pointer_valid, slot)
-        logits = torch.cat([self.lm_head(hidden), boxes], dim=-1)
+        pieces = [self.lm_head(hidden), boxes]
+        if self.frames is not None:
+            pieces.append(self.frames(hidden, frame_keys, frame_valid))
+        logits = torch.cat(pieces, dim=-1)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return TinyVLMCausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
-                                             pointer_keys=pointer_keys, pointer_valid=pointer_valid)
+                                             pointer_keys=pointer_keys, pointer_valid=pointer_valid,
+                                             frame_keys=frame_keys, frame_valid=frame_valid)
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict[str, Any],
                                             is_encoder_decoder: bool = False,
@@ -750,4 +828,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens)
         model_kwargs["pointer_keys"] = outputs.pointer_keys
         model_kwargs["pointer_valid"] = outputs.pointer_valid
+        if outputs.frame_keys is not None:
+            model_kwargs["frame_keys"] = outputs.frame_keys
+            model_kwargs["frame_valid"] = outputs.frame_valid
         return model_kwargs
