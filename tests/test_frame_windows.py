@@ -103,25 +103,41 @@ def test_windows_get_mass_only_where_the_input_holds_their_frames(model, process
     assert bool((one == low).all()) and bool((text == low).all())
 
 
-def test_a_windows_logit_is_the_mean_of_its_frames_scores_plus_its_length_bias(model, processor):
+def test_a_windows_logit_is_the_mean_of_its_frames_token_scores_plus_its_length_bias(model, processor):
+    """Frame f scores the log-sum-exp over its tokens of ``q . k_t / sqrt(d) + m_t``; a window the
+    mean of its frames' scores plus its length's bias. The match term starts at zero and, once
+    its question map is set, follows the question."""
     inputs = _inputs(processor, _frames(16, seed=3))
+    names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
     with torch.no_grad():
         out = model(**inputs)
-        hidden = model.model(**{k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values",
-                                                         "image_grid_thw")}).last_hidden_state
-        keys, valid = model.frames.keys(hidden, inputs["input_ids"], model.config.image_token_id)
-        scores = keys[0] @ model.frames.query(hidden[0, -1]) / keys.shape[-1] ** 0.5
-    assert bool(valid.all())
+        hidden = model.model(**{k: inputs[k] for k in names}).last_hidden_state
+        keys, held = model.frames.keys(hidden, inputs["input_ids"], model.config.image_token_id,
+                                       inputs["pixel_values"], inputs["image_grid_thw"])
+    ids = inputs["input_ids"][0]
+    image = (ids == model.config.image_token_id).nonzero().flatten()
+    per_frame = len(image) // 16
+    assert keys.shape[:3] == (1, 16, per_frame) and bool(held.all())
+    assert not keys[..., -1].any()  # the match term starts at zero
+    third = image[2 * per_frame:3 * per_frame]
+    torch.testing.assert_close(keys[0, 2, :, :-1], model.frames.key(hidden[0, third]))
+    with torch.no_grad():
+        tokens = keys[0, :, :, :-1] @ model.frames.query(hidden[0, -1]) / (keys.shape[-1] - 1) ** 0.5
+    scores = tokens.logsumexp(-1)
     logits = out.logits[0, -1, model.config.frame_token_start_id:]
     for w, frames in enumerate(WINDOWS.frames):
         expected = scores[[f - 1 for f in frames]].mean() + model.frames.length_bias[WINDOWS.lengths.index(len(frames))]
         torch.testing.assert_close(logits[w], expected, atol=1e-5, rtol=1e-5)
-    # a frame's key is the max over its own tokens' keys (question gate at zero: the plain keys)
-    ids = inputs["input_ids"][0]
-    image = (ids == model.config.image_token_id).nonzero().flatten()
-    per_frame = len(image) // 16
-    third = image[2 * per_frame:3 * per_frame]
-    torch.testing.assert_close(keys[0, 2], model.frames.key(hidden[0, third]).amax(0))
+    # with the question map set the match term reads the question
+    with torch.no_grad():
+        model.frames.match_question.weight.normal_(0, 0.5)
+        try:
+            red = model(**inputs).logits[0, -1, model.config.frame_token_start_id:]
+            blue = model(**_inputs(processor, _frames(16, seed=3), "Which digit briefly appears on the blue circle?"))
+        finally:
+            model.frames.match_question.weight.zero_()
+    assert not torch.allclose(red, logits)
+    assert not torch.allclose(red, blue.logits[0, -1, model.config.frame_token_start_id:])
 
 
 def test_cached_generation_carries_the_frame_keys(model, processor):
@@ -156,7 +172,8 @@ def test_training_on_a_window_target_moves_the_frame_pointer_and_the_loss_falls(
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    assert all(not torch.equal(before[n], p) for n, p in model.frames.named_parameters())
+    moved = [n for n, p in model.frames.named_parameters() if not torch.equal(before[n], p)]
+    assert "query.weight" in moved and "key.weight" in moved and "match_question.weight" in moved
 
 
 def test_a_saved_model_grows_frame_windows_and_keeps_its_other_logits(tmp_path):

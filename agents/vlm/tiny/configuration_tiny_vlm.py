@@ -92,13 +92,12 @@ class TinyVLMConfig(PreTrainedConfig):
             turn of `agents.vlm.hf.TransformersPolicy` does.
         frame_windows: lengths of the runs of consecutive frames that have a token of their own
             (`agents.vlm.tiny.frames`; empty: none). Their tokens follow the box tokens, and their
-            logits come from a frame pointer: ``q(h) . k_f / sqrt(d)`` averaged over the frames
-            ``f`` of the window, plus a bias per length, where ``k_f`` is the max over the tokens
-            of the input's f-th image of a key of their decoder states, gated by the question
-            like ``pointer_question``'s keys. A window naming an image the input does not hold
-            gets no mass. Written as digits, the frame choice stayed on fixed frames while the
-            encoder showed the small flash (docs/results.md); the pointer reads the frames' own
-            tokens.
+            logits come from a frame pointer: each token of the input's f-th image scores
+            ``q(h) . k_t / sqrt(d)`` plus a question-match term (the box pointer's, per token),
+            frame f the log-sum-exp of its tokens' scores, and a window the mean of its frames'
+            plus a bias per length. A window naming an image the input does not hold gets no
+            mass. Written as digits, the frame choice stayed on fixed frames while the encoder
+            showed the small flash (docs/results.md); the pointer reads the frames' own tokens.
         max_frames: the frames the windows span (``1..max_frames``; the initial view's frames).
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
