@@ -508,7 +508,7 @@ class TinyVLMFramePointer(nn.Module):
         (T: the most tokens of one frame)."""
         is_image = input_ids == image_token_id
         starts = image_starts(is_image)
-        number = starts.long().cumsum(-1) * is_image
+        number = image_index(is_image)
         number = torch.where(number <= self.max_frames, number, 0)  # 0: text and later images
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         within = positions - torch.where(starts, positions, 0).cummax(-1).values
@@ -565,6 +565,11 @@ def image_starts(is_image: torch.Tensor) -> torch.Tensor:
     return is_image & ~F.pad(is_image, (1, 0))[:, :-1]
 
 
+def image_index(is_image: torch.Tensor) -> torch.Tensor:
+    """``(B, L)``: for each image token the number of its image in the row (1, 2, ...); 0 for text."""
+    return image_starts(is_image).long().cumsum(-1) * is_image
+
+
 class ImageNumbers(nn.Embedding):
     """Row k: the vector added to the tokens of the input's k-th image; row 0 (text, and
     images past the last row) stays zero. Starts at zero, so a saved model given it is unchanged."""
@@ -574,7 +579,7 @@ class ImageNumbers(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
         is_image = input_ids == image_token_id
-        number = image_starts(is_image).long().cumsum(-1) * is_image
+        number = image_index(is_image)
         return super().forward(torch.where(number < self.num_embeddings, number, 0))
 
 
@@ -692,7 +697,7 @@ def _decoder_mask(attention_mask: torch.Tensor | None, length: int, past: int, d
     k_pos = torch.arange(past + length, device=device)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None]
     if image_tokens is not None and length > 1:
-        block = image_starts(image_tokens).long().cumsum(-1) * image_tokens
+        block = image_index(image_tokens)
         same = (block[:, :, None] == block[:, None, :]) & image_tokens[:, :, None]
         allowed = allowed | F.pad(same, (past, 0))
     if attention_mask is None:
