@@ -459,8 +459,10 @@ class TinyVLMFramePointer(nn.Module):
     Token t of the input's f-th image (f up to ``max_frames``) scores ``q(h) . k_t / sqrt(d) + m_t``:
     ``k_t`` a key of its decoder state, ``m_t = (A u) . g_t / sqrt(d)`` a question-match term
     like the box pointer's (``g_t``: per-pixel features max-pooled over the token's patch and
-    mixed with its neighbours; ``u``: the state before image 1, the end of the question; ``A``
-    starts at zero). Frame f scores the log-sum-exp over its tokens, so the token that both
+    mixed with its neighbours; ``A`` starts at zero). ``u`` pools the states of the text before
+    image 1 with learned weights (uniform at the start): with frame labels and options, the
+    state just before image 1 is far from the word that names the object, and read there the
+    term did not tell the asked square from the other flashing ones (docs/results.md). Frame f scores the log-sum-exp over its tokens, so the token that both
     matches what the question names and shows the event decides; a window takes the mean of
     its frames' scores plus a bias per window length. The keys and match terms are kept as
     ``(B, max_frames, tokens, dim + 1)`` so that generation carries them like the box keys.
@@ -477,6 +479,7 @@ class TinyVLMFramePointer(nn.Module):
         self.match_tokens = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
                                           nn.Conv2d(c, config.pointer_dim, 3, padding=1))
         self.match_question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False)
+        self.question_pool = ZeroInitLinear(config.hidden_size, 1, bias=False)
         self.length_bias = nn.Parameter(torch.zeros(len(self.windows.lengths)))
 
     def members(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -501,8 +504,8 @@ class TinyVLMFramePointer(nn.Module):
                 per_image[i] = out[j]
         return torch.cat(per_image)
 
-    def keys(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, pixel_values: torch.Tensor,
-             image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, pad_token_id: int | None,
+             pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, L, hidden)`` states of `input_ids` and its images -> ``(B, max_frames, T, dim + 1)``
         keys with the match term last, and ``(B, max_frames, T)``: which tokens the input holds
         (T: the most tokens of one frame)."""
@@ -514,8 +517,11 @@ class TinyVLMFramePointer(nn.Module):
         within = positions - torch.where(starts, positions, 0).cummax(-1).values
         within = torch.where(number > 0, within, 0)
         tokens = int(within.max()) + 1
-        first = torch.where(starts.any(-1), starts.float().argmax(-1), 2)
-        asked = hidden[torch.arange(hidden.shape[0], device=hidden.device), (first - 2).clamp(min=0)]
+        first = torch.where(starts.any(-1), starts.float().argmax(-1), input_ids.shape[1])
+        text = (positions < first[:, None]) & (input_ids != pad_token_id)
+        text[:, 0] |= ~text.any(-1)
+        weights = self.question_pool(hidden).squeeze(-1).masked_fill(~text, float("-inf")).softmax(-1)
+        asked = torch.einsum("bl,blh->bh", weights, hidden)
         features = hidden.new_zeros(*input_ids.shape, self.match_tokens[-1].out_channels)
         features = features.masked_scatter(is_image[..., None], self.pixel_features(pixel_values.to(hidden.dtype),
                                                                                    image_grid_thw))
@@ -852,7 +858,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 frame_valid = torch.zeros(frame_keys.shape[:3], dtype=torch.bool, device=hidden.device)
             else:
                 frame_keys, frame_valid = self.frames.keys(hidden, input_ids, self.config.image_token_id,
-                                                           pixel_values, image_grid_thw)
+                                                           self.config.pad_token_id, pixel_values, image_grid_thw)
         elif frame_keys is not None and frame_valid is None:
             raise ValueError("frame_keys need frame_valid (both come in the model's output)")
         hidden = hidden[:, kept]
