@@ -114,7 +114,7 @@ def with_frame_windows(model: TinyVLMForConditionalGeneration, processor: TinyVL
 
     The tokens are appended to the vocabulary, their embeddings and the frame pointer
     initialised as in a fresh model; every other weight is the model's, so its logits over
-    the old vocabulary are unchanged where the frame tokens get no mass (rows without frames).
+    the old vocabulary are unchanged (the new tokens take their share of the softmax).
     """
     if model.config.frame_windows:
         raise ValueError(f"the model already has frame windows {model.config.frame_windows}")

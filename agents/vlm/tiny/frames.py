@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,3 @@ class FrameWindows:
 
     def __len__(self) -> int:
         return len(self.frames)
-
-    def index(self, frames: Sequence[int]) -> int:
-        """Token index (0-based, within the window vocabulary) of the run `frames`."""
-        key = tuple(int(f) for f in frames)
-        if key not in self.frames:
-            raise ValueError(f"{list(key)} is not a window of {self.lengths} consecutive frames in 1..{self.max_frames}")
-        return self.frames.index(key)
