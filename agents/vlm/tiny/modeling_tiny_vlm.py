@@ -256,6 +256,20 @@ def per_unique_image(branch: Callable[[torch.Tensor], torch.Tensor], images: tor
     return out if unique is images else out[inverse]
 
 
+def run_per_image(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, which: list[int], patch_size: int,
+                  branch: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """`branch` run over the images numbered ``which`` (batched by size, each distinct image
+    once): one output per image, in the order of `which`."""
+    pieces = pixel_values.split([int(t * h * w) for t, h, w in image_grid_thw.tolist()])
+    chosen = torch.cat([pieces[i] for i in which])
+    outputs: list[torch.Tensor] = [chosen[:0]] * len(which)
+    for indices, _, images in images_by_grid(chosen, image_grid_thw[which], patch_size):
+        result = per_unique_image(branch, images)
+        for j, i in enumerate(indices):
+            outputs[i] = result[j]
+    return outputs
+
+
 class TinyVLMImageSummary(nn.Module):
     """One vector per image from its token grid: two stride-2 3x3 convs (GroupNorm, GELU), max-pooled.
 
@@ -390,15 +404,8 @@ class TinyVLMPointerHead(nn.Module):
 
     def per_image(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, which: list[int],
                   branch: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-        """`branch` run over the images numbered ``which`` (batched by size): one output per image, in order."""
-        pieces = pixel_values.split([int(t * h * w) for t, h, w in image_grid_thw.tolist()])
-        chosen = torch.cat([pieces[i] for i in which])
-        outputs: list[torch.Tensor] = [chosen[:0]] * len(which)
-        for indices, _, images in images_by_grid(chosen, image_grid_thw[which], self.patch_size):
-            result = per_unique_image(branch, images)
-            for j, i in enumerate(indices):
-                outputs[i] = result[j]
-        return outputs
+        """`branch` run over the images numbered ``which`` (`run_per_image`)."""
+        return run_per_image(pixel_values, image_grid_thw, which, self.patch_size, branch)
 
     def stem_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(n, 3, H, W)`` images -> the stem's ``(n, tokens, hidden)`` features, as added to the keys' states."""
@@ -461,10 +468,10 @@ class TinyVLMFramePointer(nn.Module):
     like the box pointer's (``g_t``: per-pixel features max-pooled over the token's patch and
     mixed with its neighbours; ``A`` starts at zero). ``u`` pools the states of the text before
     image 1 with learned weights (uniform at the start): with frame labels and options, the
-    state just before image 1 is far from the word that names the object, and read there the
-    term did not tell the asked square from the other flashing ones (docs/results.md). Frame f scores the log-sum-exp over its tokens, so the token that both
-    matches what the question names and shows the event decides; a window takes the mean of
-    its frames' scores plus a bias per window length. The keys and match terms are kept as
+    state just before image 1 is far from the word that names the object (docs/results.md).
+    Frame f scores the log-sum-exp over its tokens, so the token that both matches what the
+    question names and shows the event decides; a window takes the mean of its frames' scores
+    plus a bias per window length. The keys and match terms are kept as
     ``(B, max_frames, tokens, dim + 1)`` so that generation carries them like the box keys.
     """
 
@@ -492,17 +499,12 @@ class TinyVLMFramePointer(nn.Module):
 
     def pixel_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """``(image tokens, dim)`` match features of every image token, in the order of the input's image tokens."""
-        per_image: list[torch.Tensor] = [pixel_values[:0]] * len(image_grid_thw)
-
         def branch(images: torch.Tensor) -> torch.Tensor:
             pooled = F.max_pool2d(self.match_pixels(images), self.patch_size)
             return self.match_tokens(pooled).flatten(2).transpose(1, 2)
 
-        for indices, _, images in images_by_grid(pixel_values, image_grid_thw, self.patch_size):
-            out = per_unique_image(branch, images)
-            for j, i in enumerate(indices):
-                per_image[i] = out[j]
-        return torch.cat(per_image)
+        every = list(range(len(image_grid_thw)))
+        return torch.cat(run_per_image(pixel_values, image_grid_thw, every, self.patch_size, branch))
 
     def keys(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, pad_token_id: int | None,
              pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
