@@ -66,8 +66,8 @@ from agents.vlm.chat import IM_END, ChatFormat, save_chat_format
 from agents.vlm.env_settings import save_env_settings
 from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
 from agents.vlm.hf import TransformersPolicy, freeze_parameters, load_model, matching_parameters, model_inputs, pad_items
-from agents.vlm.tiny import (BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor, frame_windows,
-                             with_frame_windows)
+from agents.vlm.tiny import (BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor, digit_token_ids,
+                             frame_windows, with_frame_windows)
 from pxr_env import ops
 from pxr_env.actions import extract_answer
 from pxr_env.scoring import score_answer
@@ -189,7 +189,8 @@ class SFTConfig:
     model: dict[str, Any] = field(default_factory=dict)
     """`TinyVLMConfig` overrides of a fresh tiny model (``hidden_size``, ``vision_num_layers``, ...);
     with `init_from`, config values replaced in the saved model before its weights load, e.g.
-    ``{"pointer_match": true}`` to add that branch (its new weights initialised as in a fresh model);
+    ``{"pointer_match": true}`` to add that branch (its new weights initialised as in a fresh model;
+    ``{"count_head": true}`` likewise adds the count head);
     ``frame_windows`` on a saved model without them appends their tokens (`agents.vlm.tiny.with_frame_windows`)."""
     system: str | None = TINY_SYSTEM
     """System prompt of the chat format (None: the standard tool prompt)."""
@@ -606,9 +607,11 @@ def _build(config: SFTConfig) -> tuple[Any, Any]:
     if config.init_from is not None:
         from transformers import AutoProcessor
 
-        overrides = {k: v for k, v in config.model.items() if k not in FRAME_VOCAB_KEYS}
-        model = load_model(config.init_from, dtype=config.dtype, device=config.device, config_overrides=overrides)
         processor = AutoProcessor.from_pretrained(config.init_from)
+        overrides = {k: v for k, v in config.model.items() if k not in FRAME_VOCAB_KEYS}
+        if overrides.get("count_head"):  # configs saved before the head lack the digit ids
+            overrides.setdefault("digit_token_ids", digit_token_ids(processor.tokenizer))
+        model = load_model(config.init_from, dtype=config.dtype, device=config.device, config_overrides=overrides)
         lengths = config.model.get("frame_windows")
         if lengths and list(lengths) != list(getattr(model.config, "frame_windows", [])):
             model, processor = with_frame_windows(model, processor, lengths, config.model.get("max_frames", 16))

@@ -67,6 +67,14 @@ def frame_windows(config: TinyVLMConfig) -> FrameWindows | None:
     return FrameWindows(tuple(config.frame_windows), config.max_frames) if config.frame_windows else None
 
 
+def digit_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the tokens ``0`` .. ``9`` (the count head's digits); every number is written with them."""
+    ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError("the tokenizer has no single token for each digit 0-9")
+    return ids
+
+
 def tiny_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> TinyVLMConfig:
     """A `TinyVLMConfig` whose token ids come from `tokenizer`; checks the box tokens (then the
     frame-window tokens, with ``frame_windows``) are its last ones."""
@@ -85,6 +93,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> TinyVLM
                      add_special_tokens=False).input_ids
     ids = {"vocab_size": len(tokenizer), "box_token_start_id": start, "box_slot_token_id": call[call.index(start) - 1],
            "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+           "digit_token_ids": digit_token_ids(tokenizer),
            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     return TinyVLMConfig(**{**overrides, **ids})
 
@@ -137,5 +146,5 @@ def with_frame_windows(model: TinyVLMForConditionalGeneration, processor: TinyVL
 __all__ = [
     "BoxVocab", "TOKENIZER_DIR", "TinyVLMCausalLMOutputWithPast", "TinyVLMConfig", "TinyVLMForConditionalGeneration",
     "TinyVLMImageProcessor", "TinyVLMModel", "TinyVLMPreTrainedModel", "TinyVLMProcessor", "build_tiny_model",
-    "build_tiny_processor", "frame_windows", "tiny_config", "with_frame_windows",
+    "build_tiny_processor", "digit_token_ids", "frame_windows", "tiny_config", "with_frame_windows",
 ]

@@ -99,6 +99,9 @@ class TinyVLMConfig(PreTrainedConfig):
             mass. Written as digits, the frame choice stayed on fixed frames while the encoder
             showed the small flash (docs/results.md); the pointer reads the frames' own tokens.
         max_frames: the frames the windows span (``1..max_frames``; the initial view's frames).
+        count_head: add a count to the digit tokens' logits (`TinyVLMCountHead`): the sum over
+            the latest image's tokens of the probability that each holds what is asked.
+        digit_token_ids: ids of the tokens ``0`` .. ``9`` (set by `agents.vlm.tiny.tiny_config`).
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
         box_token_start_id: id of the first box token; ``vocab_size - box_token_start_id``
@@ -142,6 +145,8 @@ class TinyVLMConfig(PreTrainedConfig):
     image_numbers: int = 0
     frame_windows: list[int] = field(default_factory=list)
     max_frames: int = 16
+    count_head: bool = False
+    digit_token_ids: list[int] = field(default_factory=list)
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
     box_token_start_id: int | None = None

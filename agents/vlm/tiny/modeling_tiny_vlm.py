@@ -31,6 +31,10 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
   `agents.vlm.tiny.frames`) get their logits from each frame's tokens: a key and a
   question-match term per token, log-sum-exp over the frame (`TinyVLMFramePointer`), at every
   position of a row whose input holds the frames they name.
+- **Count head** (``count_head``). The digit tokens' logits get a term that counts what the
+  decoder state asks for in the latest image before it: ``-g(h) (d - E)^2 / 2`` for digit
+  ``d``, ``E`` the sum over that image's tokens of ``sigmoid(q(h) . k_t / sqrt(d) + b)``, the
+  gate ``g`` starting small (`TinyVLMCountHead`).
 
 The keys of image 1 are computed where its tokens are in the input and returned as
 ``pointer_keys`` / ``pointer_valid``; `generate` carries them to the decoding steps. A
@@ -69,6 +73,8 @@ class TinyVLMCausalLMOutputWithPast(ModelOutput):
     `pointer_keys` is ``(batch, pointer_grid**2, pointer_dim)``; `pointer_valid` is
     ``(batch,)``, False for rows that have no image. With ``frame_windows``, `frame_keys` is
     ``(batch, max_frames, tokens, pointer_dim + 1)`` and `frame_valid` ``(batch, max_frames, tokens)``.
+    With ``count_head``, `count_keys` is ``(batch, images, tokens, pointer_dim)`` and `count_held`
+    ``(batch, images, tokens)``.
     """
 
     loss: torch.Tensor | None = None
@@ -78,6 +84,8 @@ class TinyVLMCausalLMOutputWithPast(ModelOutput):
     pointer_valid: torch.Tensor | None = None
     frame_keys: torch.Tensor | None = None
     frame_valid: torch.Tensor | None = None
+    count_keys: torch.Tensor | None = None
+    count_held: torch.Tensor | None = None
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int, ref_grid: int, device: torch.device) -> torch.Tensor:
@@ -513,12 +521,7 @@ class TinyVLMFramePointer(nn.Module):
         (T: the most tokens of one frame)."""
         is_image = input_ids == image_token_id
         starts = image_starts(is_image)
-        number = image_index(is_image)
-        number = torch.where(number <= self.max_frames, number, 0)  # 0: text and later images
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        within = positions - torch.where(starts, positions, 0).cummax(-1).values
-        within = torch.where(number > 0, within, 0)
-        tokens = int(within.max()) + 1
         first = torch.where(starts.any(-1), starts.float().argmax(-1), input_ids.shape[1])
         text = (positions < first[:, None]) & (input_ids != pad_token_id)
         text[:, 0] |= ~text.any(-1)
@@ -530,12 +533,7 @@ class TinyVLMFramePointer(nn.Module):
         scale = math.sqrt(self.query.out_features)
         match = torch.einsum("bd,bld->bl", self.match_question(asked), features) / scale
         keys = torch.cat([self.key(hidden), match[..., None]], dim=-1)
-        slots = hidden.new_zeros(input_ids.shape[0], (self.max_frames + 1) * tokens, keys.shape[-1])
-        index = (number * tokens + within)[..., None].expand_as(keys)
-        slots = slots.scatter(1, index, keys).unflatten(1, (self.max_frames + 1, tokens))
-        held = torch.zeros(input_ids.shape[0], (self.max_frames + 1) * tokens, dtype=torch.bool, device=hidden.device)
-        held = held.scatter(1, number * tokens + within, number > 0).unflatten(1, (self.max_frames + 1, tokens))
-        return slots[:, 1:], held[:, 1:]
+        return image_slots(keys, is_image, self.max_frames)
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
         """``(B, L, hidden)`` states, keys and held tokens from `keys` -> ``(B, L, windows)`` logits."""
@@ -550,6 +548,55 @@ class TinyVLMFramePointer(nn.Module):
         logits = frames @ members.T + self.length_bias[lengths]
         complete = ((~present).to(frames.dtype) @ (members > 0).to(frames.dtype).T) == 0
         return logits.masked_fill(~complete[:, None, :], low)
+
+
+COUNT_BIAS = -2.0
+"""Initial density logit of the count head: each token starts holding 0.12 of a counted thing."""
+COUNT_GATE = 0.1
+"""Initial gate of the count head. At zero the head would never start: the gate grows only once
+the count follows the answers, and the keys learn only through the gate."""
+
+
+class TinyVLMCountHead(nn.Module):
+    """A count of what the question names, added to the logits of the digit tokens.
+
+    At each position, every token t of the latest image before it holds one of the things
+    asked for with probability ``p_t = sigmoid(q(h) . k_t / sqrt(d) + b)`` (``k_t`` a key of the
+    token's decoder state), and ``E = sum_t p_t`` is their expected number. Digit ``d`` gets
+    ``-g(h) (d - E)^2 / 2``: with the gate ``g`` (its weights zero and its bias `COUNT_GATE` at the
+    start) a Gaussian around ``E``. Softmax attention averages what it attends to, and a
+    tiny decoder taught counts by their answers alone stayed at the answer prior for 1,000
+    steps (docs/results.md); the sum here is a count by construction, and what is left to
+    learn is which tokens hold what is asked, as the box pointer learns where it is. Counts of
+    two or more digits are not covered (each digit token gets the same term).
+    """
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__()
+        if len(config.digit_token_ids) != 10:
+            raise ValueError("count_head needs digit_token_ids: the ids of '0'..'9' (tiny_config sets them)")
+        self.query = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.key = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.gate = ZeroInitLinear(config.hidden_size, 1)
+
+    def keys(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+             image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, L, hidden)`` states -> ``(B, images, T, dim)`` keys of each image's tokens and
+        ``(B, images, T)``: which tokens the input holds (T: the most tokens of one image)."""
+        return image_slots(self.key(hidden), input_ids == image_token_id)
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, held: torch.Tensor,
+                latest: torch.Tensor) -> torch.Tensor:
+        """``(B, L, hidden)`` states and ``(B, L)`` the number of each position's latest image
+        (0: none yet) -> ``(B, L, 10)`` terms for the digits 0-9 (zero where no image precedes)."""
+        q = self.query(hidden)
+        scores = torch.einsum("bld,bitd->blit", q, keys) / math.sqrt(q.shape[-1]) + self.bias
+        counts = (torch.sigmoid(scores) * held[:, None]).sum(-1)  # (B, L, images)
+        picked = counts.gather(-1, (latest - 1).clamp(min=0)[..., None]).squeeze(-1)
+        digits = torch.arange(10, device=hidden.device, dtype=hidden.dtype)
+        term = -0.5 * self.gate(hidden) * (digits - picked[..., None]) ** 2
+        return term * (latest > 0)[..., None]
 
 
 class TinyVLMTextHead(nn.Linear):
@@ -576,6 +623,28 @@ def image_starts(is_image: torch.Tensor) -> torch.Tensor:
 def image_index(is_image: torch.Tensor) -> torch.Tensor:
     """``(B, L)``: for each image token the number of its image in the row (1, 2, ...); 0 for text."""
     return image_starts(is_image).long().cumsum(-1) * is_image
+
+
+def image_slots(values: torch.Tensor, is_image: torch.Tensor,
+                images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, L, D)`` values of each token -> ``(B, images, T, D)``: those of each image's tokens in
+    order, and ``(B, images, T)``: which slots the input holds (T: the most tokens of one image).
+    Images past `images` are left out; None: as many as a row holds."""
+    starts = image_starts(is_image)
+    number = image_index(is_image)
+    if images is None:
+        images = max(int(number.max()), 1)
+    number = torch.where(number <= images, number, 0)  # 0: text and later images
+    positions = torch.arange(is_image.shape[1], device=is_image.device).expand_as(is_image)
+    within = positions - torch.where(starts, positions, 0).cummax(-1).values
+    within = torch.where(number > 0, within, 0)
+    tokens = int(within.max()) + 1
+    index = number * tokens + within
+    slots = values.new_zeros(is_image.shape[0], (images + 1) * tokens, values.shape[-1])
+    slots = slots.scatter(1, index[..., None].expand_as(values), values).unflatten(1, (images + 1, tokens))
+    held = torch.zeros(is_image.shape[0], (images + 1) * tokens, dtype=torch.bool, device=is_image.device)
+    held = held.scatter(1, index, number > 0).unflatten(1, (images + 1, tokens))
+    return slots[:, 1:], held[:, 1:]
 
 
 class ImageNumbers(nn.Embedding):
@@ -612,6 +681,9 @@ class TinyVLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.size_bias, -math.log(self.config.num_boxes))
         elif isinstance(module, TinyVLMFramePointer):
             init.constant_(module.length_bias, -math.log(self.config.num_frame_tokens))
+        elif isinstance(module, TinyVLMCountHead):
+            init.constant_(module.bias, COUNT_BIAS)
+            init.constant_(module.gate.bias, COUNT_GATE)
 
 
 class TinyVLMModel(TinyVLMPreTrainedModel):
@@ -730,6 +802,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         self.lm_head = TinyVLMTextHead(config.hidden_size, config.vocab_size, text_rows=config.box_token_start_id)
         self.pointer = TinyVLMPointerHead(config)
         self.frames = TinyVLMFramePointer(config) if config.frame_windows else None
+        self.count = TinyVLMCountHead(config) if config.count_head else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -824,14 +897,17 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, pointer_keys: torch.Tensor | None = None,
                 pointer_valid: torch.Tensor | None = None, frame_keys: torch.Tensor | None = None,
-                frame_valid: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                frame_valid: torch.Tensor | None = None, count_keys: torch.Tensor | None = None,
+                count_held: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs: Any) -> TinyVLMCausalLMOutputWithPast:
         r"""Logits for every kept position over the whole vocabulary.
 
         `labels` (``-100`` ignored) give the usual shifted next-token loss. `pointer_keys` /
         `pointer_valid` (from a previous output) are used instead of image 1's tokens in
         this input; without them and without image 1 in `input_ids`, box tokens get no mass.
-        `frame_keys` / `frame_valid` likewise stand for the frames' tokens (``frame_windows``).
+        `frame_keys` / `frame_valid` likewise stand for the frames' tokens (``frame_windows``), and
+        `count_keys` / `count_held` for every image's tokens (``count_head``): then each position
+        counts in the last image they hold.
         `logits_to_keep`: 0 keeps all positions, ``n`` the last ``n``, a 1D tensor those indices.
         """
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
@@ -863,12 +939,28 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                                                            self.config.pad_token_id, pixel_values, image_grid_thw)
         elif frame_keys is not None and frame_valid is None:
             raise ValueError("frame_keys need frame_valid (both come in the model's output)")
+        latest = None
+        if self.count is not None:
+            if count_keys is None:
+                if input_ids is None:
+                    raise ValueError("the count head needs input_ids (or count_keys from a previous output)")
+                count_keys, count_held = self.count.keys(hidden, input_ids, self.config.image_token_id)
+                latest = image_starts(input_ids == self.config.image_token_id).long().cumsum(-1)
+            elif count_held is None:
+                raise ValueError("count_keys need count_held (both come in the model's output)")
+            else:
+                latest = count_held.any(-1).sum(-1, keepdim=True).expand(hidden.shape[:2])
+            latest = latest[:, kept]
         hidden = hidden[:, kept]
         if slot is None:
             boxes = self.pointer(hidden, pointer_keys, pointer_valid)
         else:
             boxes = self.slot_box_logits(hidden, pointer_keys, pointer_valid, slot)
-        pieces = [self.lm_head(hidden), boxes]
+        text = self.lm_head(hidden)
+        if self.count is not None:
+            digits = torch.tensor(self.config.digit_token_ids, device=text.device)
+            text = text.index_add(-1, digits, self.count(hidden, count_keys, count_held, latest).to(text.dtype))
+        pieces = [text, boxes]
         if self.frames is not None:
             pieces.append(self.frames(hidden, frame_keys, frame_valid))
         logits = torch.cat(pieces, dim=-1)
@@ -877,7 +969,8 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return TinyVLMCausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                              pointer_keys=pointer_keys, pointer_valid=pointer_valid,
-                                             frame_keys=frame_keys, frame_valid=frame_valid)
+                                             frame_keys=frame_keys, frame_valid=frame_valid,
+                                             count_keys=count_keys, count_held=count_held)
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict[str, Any],
                                             is_encoder_decoder: bool = False,
@@ -889,4 +982,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         if outputs.frame_keys is not None:
             model_kwargs["frame_keys"] = outputs.frame_keys
             model_kwargs["frame_valid"] = outputs.frame_valid
+        if outputs.count_keys is not None:
+            model_kwargs["count_keys"] = outputs.count_keys
+            model_kwargs["count_held"] = outputs.count_held
         return model_kwargs

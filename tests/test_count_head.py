@@ -1,0 +1,173 @@
+"""The tiny model's count head: digit logits from a sum over the latest image's tokens."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import AutoModelForImageTextToText  # noqa: E402
+
+from agents.vlm.chat import Conversation  # noqa: E402
+from agents.vlm.hf import load_model  # noqa: E402
+from agents.vlm.tiny import build_tiny_model, build_tiny_processor, tiny_config  # noqa: E402
+from agents.vlm.tiny.modeling_tiny_vlm import COUNT_GATE  # noqa: E402
+
+SMALL = dict(hidden_size=64, intermediate_size=128)
+
+
+@contextmanager
+def _gate(model, value: float):
+    """The count head's gate held at `value` (its weights are zero at the start)."""
+    with torch.no_grad():
+        model.count.gate.bias.fill_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            model.count.gate.bias.fill_(COUNT_GATE)
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+
+
+def _inputs(processor, reply: str = "It shows", crop: bool = True):
+    """A question on image 1, a crop call, the crop as image 2 (with `crop`), then `reply`."""
+    conv = Conversation(question_first=True)
+    conv.add_observation({"text": "How many red circles are there?", "images": [_image(0)]})
+    images = [_image(0)]
+    if crop:
+        conv.add_assistant('<tool_call>{"name": "crop_image"}</tool_call>')
+        conv.add_observation({"text": "", "images": [_image(1)]})
+        images.append(_image(1))
+    text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False) + reply
+    return processor(text=[text], images=images, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    return build_tiny_model(processor, seed=0, count_head=True, **SMALL).eval()
+
+
+def test_the_config_knows_the_digit_tokens_and_the_head_is_off_by_default(processor):
+    config = tiny_config(processor.tokenizer)
+    assert processor.tokenizer.convert_ids_to_tokens(config.digit_token_ids) == [str(d) for d in range(10)]
+    assert build_tiny_model(processor, seed=0, **SMALL).count is None
+    # every number is written with the digit tokens
+    ids = processor.tokenizer("\\boxed{12}", add_special_tokens=False).input_ids
+    assert [i for i in ids if i in config.digit_token_ids] == [config.digit_token_ids[1], config.digit_token_ids[2]]
+
+
+def test_digit_logits_get_the_count_of_the_latest_image(model, processor):
+    """``-g (d - E)^2 / 2`` on digit d, E the sum of the token probabilities of the latest image
+    before the position; nothing before the first image."""
+    inputs = _inputs(processor)
+    ids = inputs["input_ids"][0]
+    digits = torch.tensor(model.config.digit_token_ids)
+    with torch.no_grad(), _gate(model, 0.0):
+        silent = model(**inputs).logits[0]
+    with torch.no_grad(), _gate(model, 1.5):
+        out = model(**inputs)
+    with torch.no_grad():
+        hidden = model.model(**{k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                                       "image_grid_thw")}).last_hidden_state[0]
+    diff = out.logits[0] - silent
+    others = torch.ones(diff.shape[-1], dtype=torch.bool)
+    others[digits] = False
+    assert not diff[:, others].any()  # only the digits move
+    image = (ids == model.config.image_token_id).nonzero().flatten()
+    first, second = image[:len(image) // 2], image[len(image) // 2:]
+    assert bool((first.diff() == 1).all()) and bool((second.diff() == 1).all())
+    assert not diff[:int(first[0])].any()  # before image 1: no count
+
+    def expected(position: int, tokens: torch.Tensor) -> torch.Tensor:
+        q = model.count.query(hidden[position])
+        k = model.count.key(hidden[tokens])
+        count = torch.sigmoid(k @ q / q.shape[-1] ** 0.5 + model.count.bias).sum()
+        return -0.75 * (torch.arange(10.0) - count) ** 2
+
+    between = int(second[0]) - 3  # after image 1, before image 2
+    with torch.no_grad():
+        torch.testing.assert_close(diff[between, digits], expected(between, first), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(diff[-1, digits], expected(len(ids) - 1, second), atol=1e-4, rtol=1e-4)
+    assert out.count_keys.shape[:3] == (1, 2, len(second)) and bool(out.count_held.all())
+
+
+def test_cached_generation_carries_the_count_keys(model, processor):
+    inputs = _inputs(processor, reply="It shows ")
+    options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), _gate(model, 1.0):
+        cached = model.generate(**inputs, **options)
+        uncached = model.generate(**inputs, use_cache=False, **options)
+        full = {**inputs, "input_ids": cached.sequences, "attention_mask": torch.ones_like(cached.sequences)}
+        counted = model(**full).logits[0, -5:-1]
+    with torch.no_grad(), _gate(model, 0.0):
+        silent = model(**full).logits[0, -5:-1]
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    # the generated positions' digits carry a count (so the cached steps read the carried keys)
+    digits = model.config.digit_token_ids
+    assert bool((counted[:, digits] != silent[:, digits]).all(-1).all())
+    torch.testing.assert_close(torch.stack(cached.logits)[:, 0], counted, atol=2e-4, rtol=1e-4)
+
+
+def test_training_on_count_answers_moves_the_head_and_the_loss_falls(processor):
+    """Two crops that differ only in how many bright squares they hold, answered 2 and 5."""
+    model = build_tiny_model(processor, seed=1, count_head=True, **SMALL).train()
+    batch = []
+    for n in (2, 5):
+        crop = np.zeros((112, 112, 3), dtype=np.uint8)
+        for k in range(n):
+            crop[8 + 32 * (k // 3):24 + 32 * (k // 3), 8 + 32 * (k % 3):24 + 32 * (k % 3)] = 255
+        conv = Conversation(question_first=True)
+        conv.add_observation({"text": "How many white squares are there?", "images": [crop]})
+        text = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+        batch.append((processor(text=[text + "\\boxed{"], images=[crop], return_tensors="pt"),
+                      model.config.digit_token_ids[n]))
+    before = {n: p.detach().clone() for n, p in model.count.named_parameters()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = sum(torch.nn.functional.cross_entropy(model(**inputs).logits[0, -1][None], torch.tensor([target]))
+                   for inputs, target in batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    moved = {n for n, p in model.count.named_parameters() if not torch.equal(before[n], p)}
+    assert {"query.weight", "key.weight", "gate.weight", "gate.bias", "bias"} <= moved
+
+
+def test_a_saved_model_given_the_head_keeps_its_other_logits_and_round_trips(processor, tmp_path):
+    """The gate starts small, not at zero (at zero the head never starts): the digits move a
+    little, every other logit stays."""
+    plain = build_tiny_model(processor, seed=0, **SMALL).eval()
+    plain.save_pretrained(tmp_path / "plain")
+    grown = load_model(str(tmp_path / "plain"), config_overrides={"count_head": True}).eval()
+    assert grown.count is not None and grown.count.gate.bias.item() == pytest.approx(COUNT_GATE)
+    inputs = _inputs(processor)
+    digits = grown.config.digit_token_ids
+    others = [i for i in range(grown.config.vocab_size) if i not in digits]
+    with torch.no_grad():
+        new, old = grown(**inputs).logits, plain(**inputs).logits
+        torch.testing.assert_close(new[..., others], old[..., others])
+        assert not torch.allclose(new[0, -1, digits], old[0, -1, digits])
+        with _gate(grown, 0.0):
+            torch.testing.assert_close(grown(**inputs).logits, old)
+    grown.save_pretrained(tmp_path / "grown")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "grown").eval()
+    assert loaded.config.count_head and loaded.config.digit_token_ids == digits
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, new)
