@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from agents import distributed
 from agents.traces import TraceMix, TraceOptions, synthesize_traces
+from agents.vlm.tiny.modeling_tiny_vlm import run_per_image
 from pxr_env.ops import smart_resize
 from pxr_env.tasks import TaskSource
 from pxr_env.tasks.synthetic.chart import WORDS
@@ -312,8 +313,9 @@ class PointerStemTower(torch.nn.Module):
         self.pointer, self.hidden_size = pointer, hidden_size
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.pointer.per_image(pixel_values, image_grid_thw, list(range(len(image_grid_thw))),
-                                                self.pointer.stem_features))
+        every = list(range(len(image_grid_thw)))
+        return torch.cat(run_per_image(pixel_values, image_grid_thw, every, self.pointer.patch_size,
+                                       self.pointer.stem_features))
 
 
 def pretrain_tower(model: torch.nn.Module, tower: str) -> torch.nn.Module:

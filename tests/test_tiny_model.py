@@ -17,7 +17,7 @@ from agents.vlm.chat import Conversation, render_messages  # noqa: E402
 from agents.vlm.tiny import (  # noqa: E402
     BoxVocab, TinyVLMForConditionalGeneration, TinyVLMProcessor, build_tiny_model, build_tiny_processor,
 )
-from agents.vlm.tiny.modeling_tiny_vlm import unique_images  # noqa: E402
+from agents.vlm.tiny.modeling_tiny_vlm import run_per_image, unique_images  # noqa: E402
 from pxr_env import ops  # noqa: E402
 from pxr_env.actions import format_tool_call, parse_turn  # noqa: E402
 
@@ -515,8 +515,8 @@ def test_pointer_match_gets_a_gradient_at_its_zero_start(processor):
     for picture in (image, blob):
         pixels = processor.image_processor(images=[picture], return_tensors="pt")
         with torch.no_grad():
-            features.append(model.pointer.per_image(pixels["pixel_values"], pixels["image_grid_thw"], [0],
-                                                    model.pointer.match_features)[0])
+            features.append(run_per_image(pixels["pixel_values"], pixels["image_grid_thw"], [0],
+                                          model.config.patch_size, model.pointer.match_features)[0])
     change = (features[1] - features[0]).abs().sum(-1).view(grid, grid)
     assert change[1, 1] > 0 and change[grid - 1, grid - 1] == 0  # the blob's cell and its neighbours, not far away
 

@@ -410,11 +410,6 @@ class TinyVLMPointerHead(nn.Module):
         parts = (sub_rows[:, None] * self.subcells + sub_cols[None, :]).reshape(-1)
         return tokens, parts
 
-    def per_image(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, which: list[int],
-                  branch: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-        """`branch` run over the images numbered ``which`` (`run_per_image`)."""
-        return run_per_image(pixel_values, image_grid_thw, which, self.patch_size, branch)
-
     def stem_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(n, 3, H, W)`` images -> the stem's ``(n, tokens, hidden)`` features, as added to the keys' states."""
         return self.stem_out(self.stem(images).flatten(2).transpose(1, 2))
@@ -862,11 +857,13 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                     raise ValueError("the pointer stem or match term needs the pixel_values of the images in input_ids")
                 pixels, firsts = pixel_values.to(hidden.dtype), [first_image[b] for b in rows]
                 if self.pointer.stem is not None:
-                    stem = self.pointer.per_image(pixels, image_grid_thw, firsts, self.pointer.stem_features)
+                    stem = run_per_image(pixels, image_grid_thw, firsts, self.config.patch_size,
+                                         self.pointer.stem_features)
                 encoder = self.model.vision if self.pointer.match_encoder is None else self.pointer.match_encoder
                 branches = {"pixels": self.pointer.match_features, "encoder": encoder.frame_tokens}
                 for source in sources:  # per cell (pixel features) or per token (the encoder's)
-                    cells[source] = self.pointer.per_image(pixels, image_grid_thw, firsts, branches[source])
+                    cells[source] = run_per_image(pixels, image_grid_thw, firsts, self.config.patch_size,
+                                                  branches[source])
             for j, b in enumerate(rows):
                 _, grid_h, grid_w = (int(v) for v in image_grid_thw[first_image[b]])
                 start = int(starts[b].nonzero()[0])
