@@ -68,6 +68,7 @@ from agents.vlm.encoding import IGNORE_INDEX, collate, encode_segments
 from agents.vlm.hf import TransformersPolicy, freeze_parameters, load_model, matching_parameters, model_inputs, pad_items
 from agents.vlm.tiny import (BoxVocab, TinyVLMConfig, build_tiny_model, build_tiny_processor, digit_token_ids,
                              frame_windows, with_frame_windows)
+from agents.vlm.tiny.modeling_tiny_vlm import image_slots
 from pxr_env import ops
 from pxr_env.actions import extract_answer
 from pxr_env.scoring import score_answer
@@ -242,6 +243,11 @@ class SFTConfig:
     greedy ones in the clutter (``box_hit_mass``, docs/results.md)."""
     answer_weight: float = 1.0
     """Loss weight of the final turn's tokens (the answer, read from the crop)."""
+    count_weight: float = 0.0
+    """Loss weight of the count head's token targets: where a count trace first writes its answer,
+    each token of the latest image should hold a counted thing's centre or not (`count_token_labels`;
+    needs ``"model": {"count_head": true}``). Taught by the answers alone the head's ``E`` counted
+    poorly and the answers did not follow it (docs/results.md)."""
     eval_every: int = 200
     """Steps between closed-loop evaluations (0: only at the end)."""
     eval_tasks: dict[str, dict[str, Any]] = field(default_factory=lambda: {"zoom-read": {}})
@@ -301,6 +307,8 @@ class SFTConfig:
                 raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if self.count_weight < 0:
+            raise ValueError(f"count_weight must be >= 0, got {self.count_weight}")
         if self.pointer_weight <= 0:
             raise ValueError(f"pointer_weight must be > 0, got {self.pointer_weight}")
         if not 0.0 <= self.pointer_smoothing < 1.0:
@@ -363,9 +371,18 @@ def stage_items(config: SFTConfig, stage_index: int, processor: Any,
                          mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
                          seed=config.seed * 1000 + stage_index, options=options,
                          workers=config.trace_workers, progress=config.progress)
+    digits = config.count_weight > 0 and digit_token_ids(processor.tokenizer)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     items, used = [], set()
     for trace in traces:  # encoded as they come: only the items, not every trace's arrays, are held
-        items.append(_compact(encode_segments(processor, *_stage_view(stage, trace))))
+        item = encode_segments(processor, *_stage_view(stage, trace))
+        if digits:  # every item, so that a mixed batch collates; -100 throughout but on count answers
+            counted = trace.info.get("family") == "count"
+            item["count_labels"] = (count_answer_labels(item, digits) if counted
+                                    else torch.full_like(item["input_ids"], IGNORE_INDEX))
+            item["count_token_labels"] = (count_token_labels(item, trace.info, image_token) if counted
+                                          else torch.full_like(item["input_ids"], IGNORE_INDEX))
+        items.append(_compact(item))
         used.add(trace.sample_id)
     return items, used
 
@@ -420,9 +437,48 @@ def final_turn_mask(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def count_answer_labels(item: Mapping[str, torch.Tensor], digit_ids: Sequence[int]) -> torch.Tensor:
+    """``(T,)`` for an encoded count trace: the count where its final turn first writes it (a
+    one-digit number: ``4`` of ``It shows 4.``), -100 elsewhere; where the count head is trained
+    (`sft_loss_sum`'s `count_weight`). Later copies (``\\boxed{4}``) are left out: there the
+    head can read the count from the text already written (trained there to give the count, its ``E``
+    matched the boxed digit on every item and the first on 0.22, docs/results.md)."""
+    ids, trained = item["input_ids"], item["loss_mask"].bool()
+    final = final_turn_mask(torch.where(trained, ids, IGNORE_INDEX)[None])[0]
+    value = torch.full_like(ids, IGNORE_INDEX)
+    for digit, token in enumerate(digit_ids):
+        value[ids == token] = digit
+    is_digit = value >= 0
+    lone = (is_digit & ~F.pad(is_digit, (1, 0))[:-1] & ~F.pad(is_digit, (0, 1))[1:] & final).nonzero().flatten()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    if len(lone):
+        labels[lone[0]] = value[lone[0]]
+    return labels
+
+
+def count_token_labels(item: Mapping[str, torch.Tensor], info: Mapping[str, Any], image_token_id: int) -> torch.Tensor:
+    """``(T,)`` for an encoded count trace: at each token of its last image (the last crop, or the
+    original where the trace has none) the number of counted things whose centre it shows
+    (`Trace.info`'s ``counted_centres``), -100 elsewhere; the targets of the count head's token
+    probabilities (`SFTConfig.count_weight`)."""
+    ids = item["input_ids"]
+    _, rows, cols = (int(v) for v in item["image_grid_thw"][-1])
+    positions = (ids == image_token_id).nonzero().flatten()[-rows * cols:]
+    left, top, right, bottom = info["crop_box"] or (0, 0, *info["image_size"])
+    grid = torch.zeros(rows, cols, dtype=torch.long)
+    for x, y in info["counted_centres"]:
+        x, y = (x - left) / (right - left), (y - top) / (bottom - top)
+        if 0 <= x < 1 and 0 <= y < 1:
+            grid[int(y * rows), int(x * cols)] += 1
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[positions] = grid.flatten()
+    return labels
+
+
 def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothing: float = 0.0,
                  neighbours: torch.Tensor | None = None, pointer_weight: float = 1.0,
-                 answer_weight: float = 1.0) -> tuple[torch.Tensor, int]:
+                 answer_weight: float = 1.0, count_weight: float = 0.0,
+                 parts: dict[str, float] | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the labelled tokens of a collated batch, and their count.
 
     Positions labelled ``-100`` (prompts, tool outputs, deliberate mistakes, padding) add
@@ -430,14 +486,20 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
     and gives ``s`` evenly to the same-size boxes of its neighbouring cells (`neighbours`);
     pointer targets (box and frame-window tokens) weigh `pointer_weight` and the tokens of the final turn (the answer,
     read from the last image) weigh `answer_weight` (the count stays the number of labelled tokens).
+    With `count_weight` > 0 and ``count_labels`` / ``count_token_labels`` in the batch
+    (`count_answer_labels`, `count_token_labels`), the count head's binary cross-entropy of each
+    token of the latest image against whether it holds a counted thing, at each position that
+    predicts a count answer, is added with that weight; `parts`, if given, receives its sum
+    (``count_loss``) and the number of such positions (``count_answers``).
     """
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask", "count_labels", "count_token_labels")}
     labels = batch["labels"][:, 1:]
     final_turn = final_turn_mask(labels) if answer_weight != 1.0 else None
     # Logits only where some row has a label (the LM head over the whole vocabulary is a
     # large share of a small model's step); position t predicts token t + 1.
     positions = (labels != IGNORE_INDEX).any(0).nonzero().flatten()
-    logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits.float()
+    outputs = model(**inputs, logits_to_keep=positions, use_cache=False)
+    logits = outputs.logits.float()
     labels = labels[:, positions]
     keep = labels != IGNORE_INDEX
     logprobs = F.log_softmax(logits[keep], dim=-1)
@@ -457,7 +519,23 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
         nll = torch.where(targets >= start, pointer_weight * nll, nll)
     if final_turn is not None:
         nll = torch.where(final_turn[:, positions][keep], answer_weight * nll, nll)
-    return nll.sum(), int(keep.sum())
+    total = nll.sum()
+    if count_weight > 0 and "count_token_labels" in batch:
+        if getattr(outputs, "count_expected", None) is None:
+            raise ValueError("count_weight needs a model with a count head (TinyVLMConfig.count_head)")
+        asked = batch["count_labels"][:, 1:][:, positions] != IGNORE_INDEX
+        rows = asked.nonzero()[:, 0]
+        is_image = batch["input_ids"] == model.config.image_token_id
+        targets = image_slots(batch["count_token_labels"][..., None], is_image,
+                              outputs.count_held.shape[1])[0][..., 0][rows]  # (answers, images, T)
+        valid = (targets >= 0) & outputs.count_held[rows]
+        error = F.binary_cross_entropy_with_logits(outputs.count_scores[asked].float()[valid],
+                                                   targets[valid].clamp(max=1).float(), reduction="sum")
+        total = total + count_weight * error
+        if parts is not None:
+            parts["count_loss"] = parts.get("count_loss", 0.0) + float(error.detach())
+            parts["count_answers"] = parts.get("count_answers", 0.0) + int(asked.sum())
+    return total, int(keep.sum())
 
 
 # ------------------------------------------------------------------ evaluation
@@ -778,7 +856,7 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
 
     model.train()
     bar = tqdm(total=config.max_steps, initial=step, desc="sft", unit="step", disable=not config.progress)
-    window_loss, window_tokens, window_seen, window_time = 0.0, 0, 0, 0.0
+    window_loss, window_tokens, window_seen, window_time, window_count = 0.0, 0, 0, 0.0, [0.0, 0.0]
     while step < config.max_steps and (config.max_minutes is None or minutes < config.max_minutes):
         if stop_after is not None and step >= stop_after:
             break
@@ -797,12 +875,12 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         batches = [{k: v.to(config.device) for k, v in collate(m, pad_id).items()} for m in micro]
         n_tokens = int(distributed.all_reduce_sum(sum(int((b["labels"] != IGNORE_INDEX)[:, 1:].sum())
                                                       for b in batches)))
-        total = 0.0
+        total, parts = 0.0, {}
         for batch in batches:
             with torch.autocast(torch.device(config.device).type, dtype=config.autocast_dtype,
                                 enabled=config.autocast_dtype is not None):
                 loss_sum, _ = sft_loss_sum(model, batch, config.pointer_smoothing, neighbours, config.pointer_weight,
-                                           config.answer_weight)
+                                           config.answer_weight, config.count_weight, parts)
             (loss_sum * world / max(n_tokens, 1)).backward()
             total += loss_sum.item()
         if world > 1:  # a rank whose items never reach a parameter still takes part in its all-reduce
@@ -821,16 +899,22 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
         elapsed = distributed.all_reduce_sum(time.perf_counter() - tick) / world
         minutes += elapsed / 60
         window_loss, window_tokens = window_loss + distributed.all_reduce_sum(total), window_tokens + n_tokens
+        if config.count_weight > 0:
+            window_count[0] += distributed.all_reduce_sum(parts.get("count_loss", 0.0))
+            window_count[1] += distributed.all_reduce_sum(parts.get("count_answers", 0.0))
         window_seen += distributed.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches))
         window_time += elapsed
         bar.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
             loss = window_loss / max(window_tokens, 1)
-            log(step, {"train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"],
-                              "train/tokens_per_s": window_seen / max(window_time, 1e-9), "train/stage": index,
-                              "train/minutes": minutes})
+            record = {"train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"],
+                      "train/tokens_per_s": window_seen / max(window_time, 1e-9), "train/stage": index,
+                      "train/minutes": minutes}
+            if window_count[1]:
+                record["train/count_loss"] = window_count[0] / window_count[1]
+            log(step, record)
             bar.set_postfix(loss=f"{loss:.3f}", stage=index, min=f"{minutes:.1f}")
-            window_loss, window_tokens, window_seen, window_time = 0.0, 0, 0, 0.0
+            window_loss, window_tokens, window_seen, window_time, window_count = 0.0, 0, 0, 0.0, [0.0, 0.0]
         if step in config.save_at_steps and rank == 0:
             save_model(model, processor, config.chat_format, config.env_kwargs, out / f"model-step{step}")
         if config.checkpoint_every and step % config.checkpoint_every == 0 and rank == 0:

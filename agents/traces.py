@@ -171,7 +171,9 @@ class Trace:
     `conversation` holds the messages and images exactly as played; `trained` has one flag
     per assistant turn (False on the deliberate mistakes); `correct` is the env's verdict on
     the final answer; `info` is JSON (family, boxes or frames written, draws, rejections,
-    and ``crop_box``: the pixels of the original the last crop showed, None without one).
+    and ``crop_box``: the pixels of the original the last crop showed, None without one; for a
+    count sample also ``image_size`` and ``counted_centres``, the pixels of the original at the
+    centre of each thing counted, which train the count head's tokens).
     """
 
     sample_id: str
@@ -680,6 +682,11 @@ def _play(env: PixelQAEnv, sample: Sample, kind: str, options: TraceOptions,
     if not info["correct"]:
         raise _Infeasible("env scored the gold answer wrong")
     record.update(family=sample.family, n_visual_ops=int(info["n_visual_ops"]), crop_box=info["crop_box"])
+    if sample.family == "count" and "objects" in sample.meta:
+        height, width = sample.load_image().shape[:2]
+        record.update(image_size=[width, height], counted_centres=[
+            [(o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2]
+            for o in sample.meta["objects"] if o["counted"]])
     return Trace(sample_id=sample.sample_id, kind=kind, conversation=conversation,
                  trained=[s.trained for s in steps], correct=bool(info["correct"]), info=record)
 

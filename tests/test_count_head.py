@@ -171,3 +171,81 @@ def test_a_saved_model_given_the_head_keeps_its_other_logits_and_round_trips(pro
     assert loaded.config.count_head and loaded.config.digit_token_ids == digits
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, new)
+
+
+def test_count_answers_label_the_final_turns_one_digit_numbers(processor):
+    """A count trace's reading item: the answer's first digit (``It shows N.``) carries N, its copy
+    (``\\boxed{N}``), a number of two digits and digits of earlier turns carry nothing; the crop's
+    tokens hold the N counted centres between them."""
+    from agents.sft import count_answer_labels, count_token_labels
+    from agents.traces import TraceMix, synthesize_traces
+    from agents.vlm.encoding import encode_segments
+
+    digits = tiny_config(processor.tokenizer).digit_token_ids
+    trace = synthesize_traces({"count": {"shortcut_share": 0.0}}, 1, 0, mix=TraceMix(image={"image/single": 1.0}),
+                              seed=2, progress=False)[0]
+    item = encode_segments(processor, *trace.reading())
+    labels = count_answer_labels(item, digits)
+    answer = int(trace.conversation.messages[-1]["content"][0]["text"].split("\\boxed{")[1][0])
+    marked = (labels != -100).nonzero().flatten()
+    answer_ids = (item["input_ids"] == digits[answer]).nonzero().flatten()
+    assert marked.tolist() == [int(answer_ids[answer_ids > int(item["loss_mask"].nonzero()[0])][0])]
+    assert int(labels[marked]) == answer
+    tokens = count_token_labels(item, trace.info, processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    assert torch.equal(tokens >= 0, item["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    assert int(tokens[tokens >= 0].sum()) == answer and trace.info["crop_box"] is not None
+    ids = processor.tokenizer("a 3 b <|im_end|> c 12 d 5 e 6", add_special_tokens=False).input_ids
+    made = {"input_ids": torch.tensor(ids), "loss_mask": torch.tensor([1, 1, 1, 1, 0] + [1] * (len(ids) - 5))}
+    got = count_answer_labels(made, digits)
+    assert [int(v) for v in got if v != -100] == [5]  # "3": an earlier turn; "12": two digits; "6": a later one
+
+
+def test_the_count_loss_trains_the_latest_images_tokens_where_the_count_is_written(processor):
+    """``sft_loss_sum`` with `count_weight` adds ``w`` times the binary cross-entropy of each token
+    of the latest image (held or not: ``count_token_labels``) at the position that predicts the
+    count digit; a few steps on it bring ``E`` there to the counts."""
+    from agents.sft import sft_loss_sum
+    from agents.vlm.encoding import collate, encode_segments
+
+    model = build_tiny_model(processor, seed=3, count_head=True, **SMALL).train()
+    digits, image_token = model.config.digit_token_ids, model.config.image_token_id
+    rows, marked = [], []
+    for n, seed in ((2, 4), (6, 5)):
+        conv = Conversation(question_first=True)
+        conv.add_observation({"text": "How many red circles are there?", "images": [_image(seed)]})
+        prompt = processor.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+        item = encode_segments(processor, [(prompt, False), (f"It shows {n}.<|im_end|>", True)], [_image(seed)])
+        counts = torch.full_like(item["input_ids"], -100)
+        counts[(item["input_ids"] == digits[n]) & item["loss_mask"].bool()] = n
+        tokens = torch.full_like(item["input_ids"], -100)
+        image = (item["input_ids"] == image_token).nonzero().flatten()
+        tokens[image] = 0
+        tokens[image[seed::7][:n]] = 1  # n tokens hold a counted thing
+        marked.append(tokens[image])
+        rows.append(item | {"count_labels": counts, "count_token_labels": tokens})
+    rows[1] = {k: v[:-1] if v.dim() == 1 else v for k, v in rows[1].items()}  # rows of unequal length
+    batch = collate(rows, processor.tokenizer.pad_token_id)
+    assert int((batch["count_token_labels"] >= 0).sum()) == sum(len(m) for m in marked)  # padding: -100
+
+    answers = (batch["count_labels"][:, 1:] != -100).nonzero()[:, 1]  # one position a row
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask", "count_labels", "count_token_labels")}
+    with torch.no_grad():
+        plain, n_tokens = sft_loss_sum(model, batch)
+        parts: dict[str, float] = {}
+        counted, same = sft_loss_sum(model, batch, count_weight=0.5, parts=parts)
+        out = model(**inputs)
+        error = sum(torch.nn.functional.binary_cross_entropy_with_logits(
+            out.count_scores[row, int(position), 0], marked[row].float(), reduction="sum")
+            for row, position in enumerate(answers))
+    assert same == n_tokens and parts["count_answers"] == 2
+    torch.testing.assert_close(counted, plain + 0.5 * error, rtol=1e-5, atol=1e-4)
+    assert parts["count_loss"] == pytest.approx(float(error), rel=1e-5)
+    optimizer = torch.optim.Adam(model.count.parameters(), lr=1e-2)
+    for _ in range(80):
+        optimizer.zero_grad()
+        sft_loss_sum(model, batch, count_weight=1.0)[0].backward()
+        optimizer.step()
+    with torch.no_grad():
+        out = model(**inputs)
+        expected = torch.stack([out.count_expected[row, int(p)] for row, p in enumerate(answers)])
+    torch.testing.assert_close(expected, torch.tensor([2.0, 6.0]), atol=0.4, rtol=0)  # rounds to them

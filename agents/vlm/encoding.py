@@ -101,7 +101,8 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "r
     """Pad encoded conversations into batch tensors.
 
     1-D tensors (``input_ids``, ``attention_mask``, ``loss_mask``, ``mm_token_type_ids``) are
-    padded to the longest sequence on `padding_side`: ids with `pad_id`, the rest with 0.
+    padded to the longest sequence on `padding_side`: ids with `pad_id`, per-token ``*labels``
+    (``count_labels``) with -100, the rest with 0.
     ``labels`` [B, T] are the ids where ``loss_mask`` is 1 and -100 elsewhere. Image tensors
     are concatenated along dim 0 in batch order, as Qwen2-VL models expect.
     """
@@ -122,7 +123,7 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "r
         if all(v.dim() == 1 for v in values):
             if len(values) != len(batch):
                 raise ValueError(f"per-token tensor {key!r} is missing from some batch items")
-            fill = pad_id if key == "input_ids" else 0
+            fill = pad_id if key == "input_ids" else IGNORE_INDEX if key.endswith("labels") else 0
             padded = torch.full((len(batch), longest), fill, dtype=values[0].dtype)
             for row, value in enumerate(values):
                 n = value.shape[0]

@@ -74,7 +74,8 @@ class TinyVLMCausalLMOutputWithPast(ModelOutput):
     ``(batch,)``, False for rows that have no image. With ``frame_windows``, `frame_keys` is
     ``(batch, max_frames, tokens, pointer_dim + 1)`` and `frame_valid` ``(batch, max_frames, tokens)``.
     With ``count_head``, `count_keys` is ``(batch, images, tokens, pointer_dim)`` and `count_held`
-    ``(batch, images, tokens)``.
+    ``(batch, images, tokens)``; `count_expected` is ``(batch, kept positions)``, the head's ``E``,
+    and `count_scores` ``(batch, kept positions, images, tokens)`` the logits it sums.
     """
 
     loss: torch.Tensor | None = None
@@ -86,6 +87,8 @@ class TinyVLMCausalLMOutputWithPast(ModelOutput):
     frame_valid: torch.Tensor | None = None
     count_keys: torch.Tensor | None = None
     count_held: torch.Tensor | None = None
+    count_expected: torch.Tensor | None = None
+    count_scores: torch.Tensor | None = None
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int, ref_grid: int, device: torch.device) -> torch.Tensor:
@@ -581,16 +584,26 @@ class TinyVLMCountHead(nn.Module):
         ``(B, images, T)``: which tokens the input holds (T: the most tokens of one image)."""
         return image_slots(self.key(hidden), input_ids == image_token_id)
 
-    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, held: torch.Tensor,
-                latest: torch.Tensor) -> torch.Tensor:
-        """``(B, L, hidden)`` states and ``(B, L)`` the number of each position's latest image
-        (0: none yet) -> ``(B, L, 10)`` terms for the digits 0-9 (zero where no image precedes)."""
+    def scores(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``(B, L, hidden)`` states -> ``(B, L, images, T)`` logits that each image token holds
+        what the position asks for."""
         q = self.query(hidden)
-        scores = torch.einsum("bld,bitd->blit", q, keys) / math.sqrt(q.shape[-1]) + self.bias
+        return torch.einsum("bld,bitd->blit", q, keys) / math.sqrt(q.shape[-1]) + self.bias
+
+    @staticmethod
+    def expected(scores: torch.Tensor, held: torch.Tensor, latest: torch.Tensor) -> torch.Tensor:
+        """`scores`, ``(B, images, T)`` held tokens and ``(B, L)`` the number of each position's
+        latest image (0: none yet) -> ``(B, L)`` ``E``, the expected count in that image (0 where
+        none precedes)."""
         counts = (torch.sigmoid(scores) * held[:, None]).sum(-1)  # (B, L, images)
         picked = counts.gather(-1, (latest - 1).clamp(min=0)[..., None]).squeeze(-1)
+        return picked * (latest > 0)
+
+    def forward(self, hidden: torch.Tensor, expected: torch.Tensor, latest: torch.Tensor) -> torch.Tensor:
+        """States, ``E`` (`expected`) and latest images ``(B, L)`` -> ``(B, L, 10)`` terms for the
+        digits 0-9 (zero where no image precedes)."""
         digits = torch.arange(10, device=hidden.device, dtype=hidden.dtype)
-        term = -0.5 * self.gate(hidden) * (digits - picked[..., None]) ** 2
+        term = -0.5 * self.gate(hidden) * (digits - expected[..., None]) ** 2
         return term * (latest > 0)[..., None]
 
 
@@ -954,9 +967,12 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         else:
             boxes = self.slot_box_logits(hidden, pointer_keys, pointer_valid, slot)
         text = self.lm_head(hidden)
+        expected = scores = None
         if self.count is not None:
+            scores = self.count.scores(hidden, count_keys)
+            expected = self.count.expected(scores, count_held, latest)
             digits = torch.tensor(self.config.digit_token_ids, device=text.device)
-            text = text.index_add(-1, digits, self.count(hidden, count_keys, count_held, latest).to(text.dtype))
+            text = text.index_add(-1, digits, self.count(hidden, expected, latest).to(text.dtype))
         pieces = [text, boxes]
         if self.frames is not None:
             pieces.append(self.frames(hidden, frame_keys, frame_valid))
@@ -967,7 +983,8 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         return TinyVLMCausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                              pointer_keys=pointer_keys, pointer_valid=pointer_valid,
                                              frame_keys=frame_keys, frame_valid=frame_valid,
-                                             count_keys=count_keys, count_held=count_held)
+                                             count_keys=count_keys, count_held=count_held,
+                                             count_expected=expected, count_scores=scores)
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict[str, Any],
                                             is_encoder_decoder: bool = False,
