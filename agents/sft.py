@@ -371,12 +371,12 @@ def stage_items(config: SFTConfig, stage_index: int, processor: Any,
                          mix=TraceMix(image=stage.image_mix, video=stage.video_mix),
                          seed=config.seed * 1000 + stage_index, options=options,
                          workers=config.trace_workers, progress=config.progress)
-    digits = config.count_weight > 0 and digit_token_ids(processor.tokenizer)
+    digits = digit_token_ids(processor.tokenizer) if config.count_weight > 0 else None
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     items, used = [], set()
     for trace in traces:  # encoded as they come: only the items, not every trace's arrays, are held
         item = encode_segments(processor, *_stage_view(stage, trace))
-        if digits:  # every item, so that a mixed batch collates; -100 throughout but on count answers
+        if digits is not None:  # every item, so that a mixed batch collates; -100 throughout but on count answers
             counted = trace.info.get("family") == "count"
             item["count_labels"] = (count_answer_labels(item, digits) if counted
                                     else torch.full_like(item["input_ids"], IGNORE_INDEX))

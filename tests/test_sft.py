@@ -755,3 +755,27 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     rows = read_metrics(tmp_path / "two" / "run")
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert (tmp_path / "two" / "run" / "final" / "model.safetensors").exists()
+
+
+def test_count_weight_trains_the_count_heads_tokens_in_a_mixed_stage(tmp_path: Path) -> None:
+    """Count and zoom-read traces in one batch: only the count items carry count targets, the
+    head's token loss is logged per answer and falls, and the head's query and keys move."""
+    tasks = {"count": {"shortcut_share": 0.0}, **ZOOM_EASY}
+    cfg = config(tmp_path, stages=[SFTStage(tasks=tasks, n_pixel=6, image_mix=SINGLE, reading=True)],
+                 model={**SMALL, "count_head": True}, count_weight=1.0, max_steps=10, batch_size=6, lr=1e-2,
+                 warmup_ratio=0.0, checkpoint_every=0)
+    processor = build_tiny_processor()
+    model, _ = _build(cfg)
+    items, _ = stage_items(cfg, 0, processor, None)
+    counted = [item for item in items if (item["count_labels"] >= 0).any()]
+    assert 0 < len(counted) < len(items)
+    assert all(int((item["count_labels"] >= 0).sum()) == 1 for item in counted)
+    before = {n: p.detach().clone() for n, p in model.count.named_parameters()}
+    result = train_sft(cfg)
+    losses = [r["train/count_loss"] for r in read_metrics(tmp_path) if "train/count_loss" in r]
+    assert len(losses) == 10 and losses[-1] < 0.8 * losses[0]
+    after = dict(result["model"].count.named_parameters())
+    assert not torch.equal(before["query.weight"], after["query.weight"])
+    assert not torch.equal(before["key.weight"], after["key.weight"])
+    with pytest.raises(ValueError, match="count_weight must be >= 0"):
+        config(tmp_path, count_weight=-1.0)

@@ -102,7 +102,7 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "r
 
     1-D tensors (``input_ids``, ``attention_mask``, ``loss_mask``, ``mm_token_type_ids``) are
     padded to the longest sequence on `padding_side`: ids with `pad_id`, per-token ``*labels``
-    (``count_labels``) with -100, the rest with 0.
+    (``count_labels``, ``count_token_labels``) with -100, the rest with 0.
     ``labels`` [B, T] are the ids where ``loss_mask`` is 1 and -100 elsewhere. Image tensors
     are concatenated along dim 0 in batch order, as Qwen2-VL models expect.
     """
