@@ -521,7 +521,7 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
         nll = torch.where(final_turn[:, positions][keep], answer_weight * nll, nll)
     total = nll.sum()
     if count_weight > 0 and "count_token_labels" in batch:
-        if getattr(outputs, "count_expected", None) is None:
+        if getattr(outputs, "count_scores", None) is None:
             raise ValueError("count_weight needs a model with a count head (TinyVLMConfig.count_head)")
         asked = batch["count_labels"][:, 1:][:, positions] != IGNORE_INDEX
         rows = asked.nonzero()[:, 0]
