@@ -45,7 +45,7 @@ class CountReading:
     targets: np.ndarray
     """``(rows, cols)``: how many counted centres each token holds."""
     crop: np.ndarray
-    """The crop as the model saw it (``H x W x 3``)."""
+    """The crop the item showed (``H x W x 3``, before the processor resizes it to the token grid)."""
 
 
 @torch.no_grad()
