@@ -156,7 +156,7 @@ def plot_readings(rows: Sequence[CountReading], path: str, n: int = 8) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoProcessor
 
-    from agents.sft import box_vocab, eval_sample_ids, task_source, trace_options
+    from agents.sft import SFTConfig, box_vocab, eval_sample_ids, task_source, trace_options
     from agents.traces import play_traces
     from agents.vlm.hf import TransformersPolicy
 
@@ -164,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id) of a model with a count head")
     parser.add_argument("--tasks", default=json.dumps(PROBE_TASKS), help="count task spec JSON (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=150, help="held-out items (default: %(default)s)")
-    parser.add_argument("--first-seed", type=int, default=10_000_000, help="held-out seeds start here")
+    parser.add_argument("--first-seed", type=int, default=SFTConfig.eval_seed,
+                        help="held-out seeds start here (default: those of agents.sft --evaluate, %(default)s)")
     parser.add_argument("--plot", help="PNG of the first items' crops and the head's token probabilities")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
