@@ -7,9 +7,9 @@ crop (`agents.traces.play_traces`) and asked as a reading stage's item (`Trace.r
 - **The head's sum** ``E`` at the position that writes the answer's first digit
   (`agents.sft.count_answer_labels`), the answer teacher-forced: its correlation with the count,
   how often it rounds to the count, its mean error.
-- **Its tokens**: each token of the crop at probability > 0.5 against the token targets
-  (`agents.sft.count_token_labels`: the tokens that hold a counted thing's centre), as precision
-  and recall.
+- **Its cells**: each cell of the crop (a token, or a part of one with ``count_subcells``) at
+  probability > 0.5 against the targets (`agents.sft.count_token_labels`: the cells that hold a
+  counted thing's centre), as precision and recall.
 
 ``python -m agents.count_probe --model M`` prints them as JSON; ``--plot F.png`` draws the first
 items' crops, the counted centres marked, above the head's token probabilities (docs/results.md,
@@ -33,7 +33,7 @@ PROBE_TASKS: dict[str, dict[str, Any]] = {"count": {"shortcut_share": 0.0}}
 @dataclass(frozen=True)
 class CountReading:
     """One item: its count, whether the greedy answer was right, the head's ``E`` at the answer's
-    first digit, and per token of the crop the head's probability and the target."""
+    first digit, and per cell of the crop (a token, or a part of one) the head's probability and the target."""
 
     sample_id: str
     tier: str
@@ -41,9 +41,10 @@ class CountReading:
     correct: float
     expected: float
     probabilities: np.ndarray
-    """``(rows, cols)``: the head's token probabilities at the answer's first digit."""
+    """``(rows, cols)`` cells (token rows and columns times ``count_subcells``): the head's
+    probabilities at the answer's first digit."""
     targets: np.ndarray
-    """``(rows, cols)``: how many counted centres each token holds."""
+    """``(rows, cols)``: 1 where a cell holds a counted centre."""
     crop: np.ndarray
     """The crop the item showed (``H x W x 3``, before the processor resizes it to the token grid)."""
 
@@ -52,7 +53,7 @@ class CountReading:
 def count_readings(model: Any, processor: Any, traces: Sequence[Any], source: Any) -> list[CountReading]:
     """Read each count trace's reading item: greedily (scored) and teacher-forced (the head's ``E``
     and token probabilities where the answer's first digit is written). `model` needs the count head."""
-    from agents.sft import count_answer_labels, count_token_labels, oracle_op_scores
+    from agents.sft import count_answer_labels, count_cell_targets, count_token_labels, oracle_op_scores
     from agents.vlm.encoding import collate, encode_segments
     from agents.vlm.hf import model_inputs
     from agents.vlm.tiny import digit_token_ids
@@ -66,6 +67,7 @@ def count_readings(model: Any, processor: Any, traces: Sequence[Any], source: An
     device = next(model.parameters()).device
     scores = oracle_op_scores(model, processor, traces, source, reading=True)
     digits, image_token = digit_token_ids(processor.tokenizer), model.config.image_token_id
+    s = getattr(model.config, "count_subcells", 1)
     rows = []
     try:
         for trace, correct in zip(traces, scores):
@@ -78,23 +80,30 @@ def count_readings(model: Any, processor: Any, traces: Sequence[Any], source: An
             batch = model_inputs(collate([item], processor.tokenizer.pad_token_id), device)
             out = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_mask")})
             _, grid_h, grid_w = (int(v) for v in item["image_grid_thw"][-1])
-            targets = count_token_labels(item, trace.info, image_token)
+            labels = count_token_labels(item, trace.info, image_token, s)
+            targets = count_cell_targets(labels[labels >= 0], s)
+            probabilities = torch.sigmoid(out.count_scores[0, position, -1, :grid_h * grid_w * s * s].float())
             rows.append(CountReading(
                 sample_id=trace.sample_id, tier=str(source.get(trace.sample_id).meta.get("tier")),
                 count=digits.index(int(item["input_ids"][position + 1])),
                 correct=float(correct), expected=float(out.count_expected[0, position]),
-                probabilities=torch.sigmoid(out.count_scores[0, position, -1, :grid_h * grid_w].float())
-                .reshape(grid_h, grid_w).cpu().numpy(),
-                targets=targets[targets >= 0].reshape(grid_h, grid_w).numpy(),
+                probabilities=cell_grid(probabilities.cpu(), grid_h, grid_w, s).numpy(),
+                targets=cell_grid(targets, grid_h, grid_w, s).numpy(),
                 crop=np.asarray(images[-1])))
     finally:
         model.train(was_training)
     return rows
 
 
+def cell_grid(cells: torch.Tensor, rows: int, cols: int, subcells: int) -> torch.Tensor:
+    """Token-major cell values ``(rows * cols * subcells**2,)`` -> the ``(rows * subcells, cols * subcells)`` picture."""
+    s = subcells
+    return cells.reshape(rows, cols, s, s).permute(0, 2, 1, 3).reshape(rows * s, cols * s)
+
+
 def summarize_readings(rows: Sequence[CountReading]) -> dict[str, Any]:
     """Reading accuracy (all and per tier), ``E`` against the counts (correlation, rounded exact per
-    tier, mean absolute error, means) and the tokens at p > 0.5 against the targets (precision, recall)."""
+    tier, mean absolute error, means) and the cells at p > 0.5 against the targets (precision, recall)."""
     if not rows:
         raise ValueError("no count readings to summarize")
     expected = np.array([r.expected for r in rows])
@@ -110,8 +119,8 @@ def summarize_readings(rows: Sequence[CountReading]) -> dict[str, Any]:
         "expected_mae": float(np.abs(expected - counts).mean()),
         "expected_mean": float(expected.mean()),
         "count_mean": float(counts.mean()),
-        "token_precision": float((marked & held).sum() / marked.sum()) if marked.any() else None,
-        "token_recall": float((marked & held).sum() / held.sum()) if held.any() else None,
+        "cell_precision": float((marked & held).sum() / marked.sum()) if marked.any() else None,
+        "cell_recall": float((marked & held).sum() / held.sum()) if held.any() else None,
     }
     for tier in sorted({r.tier for r in rows}):
         mine = [i for i, r in enumerate(rows) if r.tier == tier]
@@ -122,7 +131,7 @@ def summarize_readings(rows: Sequence[CountReading]) -> dict[str, Any]:
 
 
 def plot_readings(rows: Sequence[CountReading], path: str, n: int = 8) -> None:
-    """The first `n` items: each crop with its counted tokens outlined, above the head's token
+    """The first `n` items: each crop with its counted cells outlined, above the head's cell
     probabilities; titled with the count and ``E``."""
     import matplotlib
 
@@ -146,8 +155,8 @@ def plot_readings(rows: Sequence[CountReading], path: str, n: int = 8) -> None:
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 0].set_ylabel("crop, counted tokens")
-    axes[1, 0].set_ylabel("head's token probability")
+    axes[0, 0].set_ylabel("crop, counted cells")
+    axes[1, 0].set_ylabel("head's cell probability")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

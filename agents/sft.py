@@ -361,10 +361,11 @@ def _expand(item: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return item
 
 
-def stage_items(config: SFTConfig, stage_index: int, processor: Any,
-                boxes: BoxVocab | None) -> tuple[list[dict[str, torch.Tensor]], set[str]]:
+def stage_items(config: SFTConfig, stage_index: int, processor: Any, boxes: BoxVocab | None,
+                count_subcells: int = 1) -> tuple[list[dict[str, torch.Tensor]], set[str]]:
     """Synthesize and encode the traces of one stage, boxes snapped to the box tokens of `boxes`
-    (None: written as numbers); also return the sample ids they use."""
+    (None: written as numbers), count targets marked per part of a token (`count_token_labels`);
+    also return the sample ids they use."""
     stage = config.stages[stage_index]
     options = trace_options(boxes, config.chat_format, config.env_kwargs)
     traces = iter_traces(task_source(stage.tasks), stage.n_pixel, stage.n_text,
@@ -380,7 +381,7 @@ def stage_items(config: SFTConfig, stage_index: int, processor: Any,
             counted = trace.info.get("family") == "count"
             item["count_labels"] = (count_answer_labels(item, digits) if counted
                                     else torch.full_like(item["input_ids"], IGNORE_INDEX))
-            item["count_token_labels"] = (count_token_labels(item, trace.info, image_token) if counted
+            item["count_token_labels"] = (count_token_labels(item, trace.info, image_token, count_subcells) if counted
                                           else torch.full_like(item["input_ids"], IGNORE_INDEX))
         items.append(_compact(item))
         used.add(trace.sample_id)
@@ -456,23 +457,34 @@ def count_answer_labels(item: Mapping[str, torch.Tensor], digit_ids: Sequence[in
     return labels
 
 
-def count_token_labels(item: Mapping[str, torch.Tensor], info: Mapping[str, Any], image_token_id: int) -> torch.Tensor:
+def count_token_labels(item: Mapping[str, torch.Tensor], info: Mapping[str, Any], image_token_id: int,
+                       subcells: int = 1) -> torch.Tensor:
     """``(T,)`` for an encoded count trace: at each token of its last image (the last crop, or the
-    original where the trace has none) the number of counted things whose centre it shows
-    (`Trace.info`'s ``counted_centres``), -100 elsewhere; the targets of the count head's token
-    probabilities (`SFTConfig.count_weight`)."""
-    ids = item["input_ids"]
+    original where the trace has none) a bitmask of which of its ``subcells x subcells`` parts
+    (bit ``row * subcells + col``) hold a counted thing's centre (`Trace.info`'s
+    ``counted_centres``), -100 elsewhere; the targets of the count head (`SFTConfig.count_weight`,
+    `count_cell_targets`)."""
+    ids, s = item["input_ids"], subcells
     _, rows, cols = (int(v) for v in item["image_grid_thw"][-1])
     positions = (ids == image_token_id).nonzero().flatten()[-rows * cols:]
     left, top, right, bottom = info["crop_box"] or (0, 0, *info["image_size"])
-    grid = torch.zeros(rows, cols, dtype=torch.long)
+    cells = torch.zeros(rows * s, cols * s, dtype=torch.long)
     for x, y in info["counted_centres"]:
         x, y = (x - left) / (right - left), (y - top) / (bottom - top)
         if 0 <= x < 1 and 0 <= y < 1:
-            grid[int(y * rows), int(x * cols)] += 1
+            cells[int(y * rows * s), int(x * cols * s)] = 1
+    parts = cells.view(rows, s, cols, s).permute(0, 2, 1, 3).reshape(rows * cols, s * s)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[positions] = grid.flatten()
+    labels[positions] = (parts << torch.arange(s * s)).sum(-1)
     return labels
+
+
+def count_cell_targets(labels: torch.Tensor, subcells: int) -> torch.Tensor:
+    """`count_token_labels` ``(..., T)`` -> ``(..., T * subcells**2)``: 1 where a token part holds a
+    counted centre, 0 where not, -1 where the token is not labelled (token-major, as the count
+    head's cells)."""
+    bits = (labels[..., None].clamp(min=0) >> torch.arange(subcells ** 2, device=labels.device)) & 1
+    return torch.where(labels[..., None] >= 0, bits, -1).flatten(-2)
 
 
 def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothing: float = 0.0,
@@ -526,11 +538,12 @@ def sft_loss_sum(model: Any, batch: Mapping[str, torch.Tensor], pointer_smoothin
         asked = batch["count_labels"][:, 1:][:, positions] != IGNORE_INDEX
         rows = asked.nonzero()[:, 0]
         is_image = batch["input_ids"] == model.config.image_token_id
-        targets = image_slots(batch["count_token_labels"][..., None], is_image,
-                              outputs.count_held.shape[1])[0][..., 0][rows]  # (answers, images, T)
+        labels = image_slots(batch["count_token_labels"][..., None], is_image,
+                             outputs.count_held.shape[1])[0][..., 0][rows]  # (answers, images, T)
+        targets = count_cell_targets(labels, getattr(model.config, "count_subcells", 1))
         valid = (targets >= 0) & outputs.count_held[rows]
         error = F.binary_cross_entropy_with_logits(outputs.count_scores[asked].float()[valid],
-                                                   targets[valid].clamp(max=1).float(), reduction="sum")
+                                                   targets[valid].float(), reduction="sum")
         total = total + count_weight * error
         if parts is not None:
             parts["count_loss"] = parts.get("count_loss", 0.0) + float(error.detach())
@@ -835,7 +848,8 @@ def train_sft(config: SFTConfig, stop_after: int | None = None,
     def items_of(index: int) -> list[dict[str, torch.Tensor]]:
         if index not in stage_cache:
             stage_cache.clear()  # stages only move forward: the items of the one before are not needed again
-            stage_cache[index], used = stage_items(config, index, processor, boxes)
+            stage_cache[index], used = stage_items(config, index, processor, boxes,
+                                                   getattr(model.config, "count_subcells", 1))
             train_ids.update(used)
         return stage_cache[index]
 

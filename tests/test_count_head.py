@@ -191,9 +191,12 @@ def test_count_answers_label_the_final_turns_one_digit_numbers(processor):
     answer_ids = (item["input_ids"] == digits[answer]).nonzero().flatten()
     assert marked.tolist() == [int(answer_ids[answer_ids > int(item["loss_mask"].nonzero()[0])][0])]
     assert int(labels[marked]) == answer
-    tokens = count_token_labels(item, trace.info, processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
-    assert torch.equal(tokens >= 0, item["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
-    assert int(tokens[tokens >= 0].sum()) == answer and trace.info["crop_box"] is not None
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    tokens = count_token_labels(item, trace.info, image_token)
+    assert torch.equal(tokens >= 0, item["input_ids"] == image_token) and trace.info["crop_box"] is not None
+    assert set(tokens[tokens >= 0].tolist()) <= {0, 1} and 1 <= int(tokens[tokens >= 0].sum()) <= answer
+    parts = count_token_labels(item, trace.info, image_token, subcells=4)  # 4-px cells: one centre each
+    assert sum(bin(int(v)).count("1") for v in parts[parts >= 0]) == answer
     ids = processor.tokenizer("a 3 b <|im_end|> c 12 d 5 e 6", add_special_tokens=False).input_ids
     made = {"input_ids": torch.tensor(ids), "loss_mask": torch.tensor([1, 1, 1, 1, 0] + [1] * (len(ids) - 5))}
     got = count_answer_labels(made, digits)
@@ -249,3 +252,38 @@ def test_the_count_loss_trains_the_latest_images_tokens_where_the_count_is_writt
         out = model(**inputs)
         expected = torch.stack([out.count_expected[row, int(p)] for row, p in enumerate(answers)])
     torch.testing.assert_close(expected, torch.tensor([2.0, 6.0]), atol=0.4, rtol=0)  # rounds to them
+
+
+def test_token_parts_mark_each_centre_once_and_the_head_sums_over_them(processor):
+    """Two centres in one token: one mark per token, both with its 2 x 2 parts (bit row * 2 + col),
+    and with ``count_subcells`` 2 the head's ``E`` sums a probability per part."""
+    from agents.sft import count_cell_targets, count_token_labels
+
+    ids = torch.tensor([7, 1043, 1043, 1043, 1043, 9])  # a 2 x 2 token image
+    item = {"input_ids": ids, "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    info = {"crop_box": None, "image_size": [40, 40], "counted_centres": [[2, 2], [18, 18], [30, 5]]}
+    whole = count_token_labels(item, info, 1043)
+    assert whole.tolist() == [-100, 1, 1, 0, 0, -100]  # token 0 holds two centres, token 1 one
+    parts = count_token_labels(item, info, 1043, subcells=2)
+    assert parts.tolist() == [-100, 1 | 8, 2, 0, 0, -100]  # token 0: parts 0 and 3; token 1: part 1
+    cells = count_cell_targets(parts, 2)
+    assert cells.shape == (24,) and int(cells.clamp(min=0).sum()) == 3
+    assert cells[4:8].tolist() == [1, 0, 0, 1] and cells[8:12].tolist() == [0, 1, 0, 0]
+    assert cells[:4].tolist() == [-1] * 4
+
+    model = build_tiny_model(processor, seed=0, count_head=True, count_subcells=2, **SMALL).eval()
+    inputs = _inputs(processor)
+    with torch.no_grad():
+        out = model(**inputs)
+        hidden = model.model(**{k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                                       "image_grid_thw")}).last_hidden_state[0]
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    second = image[len(image) // 2:]
+    assert out.count_keys.shape[:3] == (1, 2, 4 * len(second)) and out.count_held.shape == out.count_keys.shape[:3]
+    with torch.no_grad():
+        q = model.count.query(hidden[-1])
+        k = model.count.key(hidden[second]).view(len(second), 4, -1)  # token-major parts
+        count = torch.sigmoid(k @ q / q.shape[-1] ** 0.5 + model.count.bias).sum()
+    torch.testing.assert_close(out.count_expected[0, -1], count, atol=1e-4, rtol=1e-4)
+    with pytest.raises(Exception, match="count_subcells must be at least 1"):
+        tiny_config(processor.tokenizer, count_subcells=0)

@@ -35,7 +35,7 @@ def test_summary_matches_hand_counts():
     assert out["expected_mae"] == pytest.approx((0.3 + 1.4 + 0.4) / 3)
     assert out["expected_corr"] == pytest.approx(float(np.corrcoef([2.3, 2.6, 6.4], [2, 4, 6])[0, 1]))
     # marked (p > 0.5): 0.9, 0.7, 0.6, 0.8, 0.9 -> 4 of 5 on held tokens; 4 of the 7 held tokens marked
-    assert out["token_precision"] == pytest.approx(4 / 5) and out["token_recall"] == pytest.approx(4 / 7)
+    assert out["cell_precision"] == pytest.approx(4 / 5) and out["cell_recall"] == pytest.approx(4 / 7)
     assert out["easy/items"] == 2 and out["easy/reading"] == 0.5 and out["easy/expected_exact"] == 0.5
     assert out["hard/expected_exact"] == 1.0
     with pytest.raises(ValueError, match="no count readings"):

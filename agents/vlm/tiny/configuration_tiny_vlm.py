@@ -101,6 +101,11 @@ class TinyVLMConfig(PreTrainedConfig):
         max_frames: the frames the windows span (``1..max_frames``; the initial view's frames).
         count_head: add a count to the digit tokens' logits (`TinyVLMCountHead`): the sum over
             the latest image's tokens of the probability that each holds what is asked.
+        count_subcells: count-head cells per image token side: each token gives
+            ``count_subcells**2`` keys, one per part, so that two counted things whose centres
+            share a token are both counted (with 16-px tokens on the 112-px count crops a
+            token per thing caps the exact count at 0.68 of the items, two a side at 0.99;
+            docs/results.md).
         digit_token_ids: ids of the tokens ``0`` .. ``9`` (set by `agents.vlm.tiny.tiny_config`).
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
@@ -146,6 +151,7 @@ class TinyVLMConfig(PreTrainedConfig):
     frame_windows: list[int] = field(default_factory=list)
     max_frames: int = 16
     count_head: bool = False
+    count_subcells: int = 1
     digit_token_ids: list[int] = field(default_factory=list)
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
@@ -197,6 +203,8 @@ class TinyVLMConfig(PreTrainedConfig):
             raise ValueError(f"image_numbers must be 0 (off) or a positive count, got {self.image_numbers}")
         if self.pointer_subcells < 1:
             raise ValueError(f"pointer_subcells must be at least 1, got {self.pointer_subcells}")
+        if self.count_subcells < 1:
+            raise ValueError(f"count_subcells must be at least 1, got {self.count_subcells}")
         if self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 (the stem halves it three times), got {self.patch_size}")
         if self.frame_windows:

@@ -73,9 +73,10 @@ class TinyVLMCausalLMOutputWithPast(ModelOutput):
     `pointer_keys` is ``(batch, pointer_grid**2, pointer_dim)``; `pointer_valid` is
     ``(batch,)``, False for rows that have no image. With ``frame_windows``, `frame_keys` is
     ``(batch, max_frames, tokens, pointer_dim + 1)`` and `frame_valid` ``(batch, max_frames, tokens)``.
-    With ``count_head``, `count_keys` is ``(batch, images, tokens, pointer_dim)`` and `count_held`
-    ``(batch, images, tokens)``; `count_expected` is ``(batch, kept positions)``, the head's ``E``,
-    and `count_scores` ``(batch, kept positions, images, tokens)`` the logits it sums.
+    With ``count_head``, `count_keys` is ``(batch, images, cells, pointer_dim)`` and `count_held`
+    ``(batch, images, cells)`` (cells: tokens times ``count_subcells**2``, token-major);
+    `count_expected` is ``(batch, kept positions)``, the head's ``E``, and `count_scores`
+    ``(batch, kept positions, images, cells)`` the logits it sums.
     """
 
     loss: torch.Tensor | None = None
@@ -565,7 +566,9 @@ class TinyVLMCountHead(nn.Module):
     start) a Gaussian around ``E``. Softmax attention averages what it attends to, and a
     tiny decoder taught counts by their answers alone read 0.30-0.34 of the oracle's crops
     after 1,000-2,100 steps (docs/results.md); the sum here is a count by construction, and what is left to
-    learn is which tokens hold what is asked, as the box pointer learns where it is. Counts of
+    learn is which tokens hold what is asked, as the box pointer learns where it is. With
+    ``count_subcells`` s > 1 each token gives s*s keys, one per part of it (row-major), and the
+    sum runs over the parts: two things whose centres share a token are both counted. Counts of
     two or more digits are not covered (each digit token gets the same term).
     """
 
@@ -573,26 +576,29 @@ class TinyVLMCountHead(nn.Module):
         super().__init__()
         if len(config.digit_token_ids) != 10:
             raise ValueError("count_head needs digit_token_ids: the ids of '0'..'9' (tiny_config sets them)")
+        self.parts = config.count_subcells ** 2
         self.query = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
-        self.key = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.key = nn.Linear(config.hidden_size, config.pointer_dim * self.parts, bias=False)
         self.bias = nn.Parameter(torch.zeros(()))
         self.gate = ZeroInitLinear(config.hidden_size, 1)
 
     def keys(self, hidden: torch.Tensor, input_ids: torch.Tensor,
              image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, L, hidden)`` states -> ``(B, images, T, dim)`` keys of each image's tokens and
-        ``(B, images, T)``: which tokens the input holds (T: the most tokens of one image)."""
-        return image_slots(self.key(hidden), input_ids == image_token_id)
+        """``(B, L, hidden)`` states -> ``(B, images, T * parts, dim)`` keys of each image's token
+        parts (token-major) and ``(B, images, T * parts)``: which the input holds (T: the most
+        tokens of one image)."""
+        slots, held = image_slots(self.key(hidden), input_ids == image_token_id)
+        return slots.unflatten(-1, (self.parts, -1)).flatten(2, 3), held.repeat_interleave(self.parts, dim=-1)
 
     def scores(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``(B, L, hidden)`` states -> ``(B, L, images, T)`` logits that each image token holds
-        what the position asks for."""
+        """``(B, L, hidden)`` states -> ``(B, L, images, T * parts)`` logits that each image token
+        part holds what the position asks for."""
         q = self.query(hidden)
         return torch.einsum("bld,bitd->blit", q, keys) / math.sqrt(q.shape[-1]) + self.bias
 
     @staticmethod
     def expected(scores: torch.Tensor, held: torch.Tensor, latest: torch.Tensor) -> torch.Tensor:
-        """`scores`, ``(B, images, T)`` held tokens and ``(B, L)`` the number of each position's
+        """`scores`, ``(B, images, T * parts)`` held parts and ``(B, L)`` the number of each position's
         latest image (0: none yet) -> ``(B, L)`` ``E``, the expected count in that image (0 where
         none precedes)."""
         counts = (torch.sigmoid(scores) * held[:, None]).sum(-1)  # (B, L, images)
