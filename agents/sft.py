@@ -191,7 +191,8 @@ class SFTConfig:
     """`TinyVLMConfig` overrides of a fresh tiny model (``hidden_size``, ``vision_num_layers``, ...);
     with `init_from`, config values replaced in the saved model before its weights load, e.g.
     ``{"pointer_match": true}`` to add that branch (its new weights initialised as in a fresh model;
-    ``{"count_head": true}`` likewise adds the count head);
+    ``{"count_head": true}`` likewise adds the count head; a new ``pointer_match_encoder`` starts
+    as a copy of the saved image encoder);
     ``frame_windows`` on a saved model without them appends their tokens (`agents.vlm.tiny.with_frame_windows`)."""
     system: str | None = TINY_SYSTEM
     """System prompt of the chat format (None: the standard tool prompt)."""
@@ -696,13 +697,17 @@ def answer_only_bound(tasks: TaskSpec, sample_ids: Sequence[str]) -> dict[str, f
 
 def _build(config: SFTConfig) -> tuple[Any, Any]:
     if config.init_from is not None:
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(config.init_from)
         overrides = {k: v for k, v in config.model.items() if k not in FRAME_VOCAB_KEYS}
         if overrides.get("count_head"):  # configs saved before the head lack the digit ids
             overrides.setdefault("digit_token_ids", digit_token_ids(processor.tokenizer))
+        saved = AutoConfig.from_pretrained(config.init_from)
         model = load_model(config.init_from, dtype=config.dtype, device=config.device, config_overrides=overrides)
+        if overrides.get("pointer_match_encoder") and not getattr(saved, "pointer_match_encoder", False):
+            # a new match encoder starts from the trained image encoder, not from random weights
+            model.pointer.match_encoder.load_state_dict(model.model.vision.state_dict())
         lengths = config.model.get("frame_windows")
         if lengths and list(lengths) != list(getattr(model.config, "frame_windows", [])):
             model, processor = with_frame_windows(model, processor, lengths, config.model.get("max_frames", 16))

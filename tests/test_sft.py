@@ -491,6 +491,27 @@ def test_chart_views_mark_every_token_of_a_region_with_the_words_naming_it() -> 
     assert moved and all(k.startswith("pointer.match_encoder.") for k in moved)
 
 
+def test_a_match_encoder_added_to_a_saved_model_starts_as_its_image_encoder(tmp_path: Path) -> None:
+    """``"model": {"pointer_match_encoder": true}`` with `init_from`: the new encoder is a copy of the
+    saved image encoder; a saved model that has one keeps its own."""
+    import agents.sft as sft
+
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, **SMALL, pointer_match=True, pointer_match_features="encoder")
+    sft.save_model(model, processor, ChatFormat(system=sft.TINY_SYSTEM, question_first=True), {}, tmp_path / "saved")
+    grown, _ = _build(config(tmp_path / "run", init_from=str(tmp_path / "saved"), model={"pointer_match_encoder": True}))
+    vision = grown.model.vision.state_dict()
+    match = {k: v.clone() for k, v in grown.pointer.match_encoder.state_dict().items()}
+    assert vision.keys() == match.keys() and all(torch.equal(vision[k], match[k]) for k in vision)
+    with torch.no_grad():
+        for param in grown.pointer.match_encoder.parameters():
+            param.add_(1.0)
+    sft.save_model(grown, processor, ChatFormat(system=sft.TINY_SYSTEM, question_first=True), {}, tmp_path / "grown")
+    again, _ = _build(config(tmp_path / "run", init_from=str(tmp_path / "grown"), model={"pointer_match_encoder": True}))
+    kept = again.pointer.match_encoder.state_dict()
+    assert all(torch.equal(kept[k], match[k] + 1.0) for k in match if match[k].is_floating_point())
+
+
 def test_train_sft_pretrains_the_vision_once_and_resumes_past_it(tmp_path: Path) -> None:
     pretrain = {"samples": 6, "steps": 2, "batch_size": 2, "held_out": 2}
     cfg = config(tmp_path, vision_pretrain=pretrain, checkpoint_every=1)
