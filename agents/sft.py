@@ -1001,6 +1001,46 @@ POINTING_WITH_BIG_TAGS: dict[str, Any] = dict(
 whose big tags take the larger box sizes. Otherwise only the last stage's shortcut items show a
 size other than the smallest, and a model may carry that size to small tags (docs/results.md)."""
 
+CHART_POSTERS = {"chart": {"questions": ["poster"], "shortcut_share": 0.0}}
+CHART_POINTING = {"chart": {"shortcut_share": 0.0}}
+CHART_ALL = {"chart": {}}
+MATCH_ENCODER_FROZEN = ["model.vision", "pointer.match_encoder"]
+
+CHART_FROM_WARMSTART: dict[str, Any] = dict(
+    init_from="checkpoints/tiny-warmstart",
+    model={"pointer_match": True, "pointer_match_features": "both", "pointer_match_encoder": True,
+           "box_slot_token_id": 338},
+    vision_pretrain=[
+        VisionPretrainConfig(target="view", tower="match", tasks=CHART_POSTERS, samples=4000, steps=100_000,
+                             minutes=7.0, batch_size=32, lr=3e-3),
+        VisionPretrainConfig(target="view", tower="match", tasks=CHART_POINTING, samples=4000, steps=100_000,
+                             minutes=5.0, batch_size=32, lr=3e-3)],
+    freeze=[],
+    stages=[
+        SFTStage(tasks=CHART_POINTING, n_pixel=4000, image_mix={"image/single": 1.0}, pointing=True, batch_size=32,
+                 minutes=8.0, freeze=MATCH_ENCODER_FROZEN),
+        SFTStage(tasks=CHART_ALL, n_pixel=4000, image_mix={"image/single": 1.0}, reading=True, batch_size=32,
+                 minutes=6.0, freeze=["pointer"]),
+        SFTStage(tasks=CHART_ALL, n_pixel=3000, n_text=300, image_mix={"image/single": 1.0}, minutes=7.0,
+                 freeze=["pointer.match_encoder"]),
+        SFTStage(tasks={**CHART_ALL, **ZOOM_READ_WIDE}, n_pixel=4000, image_mix={"image/single": 1.0}, reading=True,
+                 batch_size=32, minutes=3.0, freeze=["pointer"]),
+        SFTStage(tasks={"zoom-read": {**ZOOM_CLUTTER["zoom-read"], "shortcut_share": 0.1}, **CHART_POINTING},
+                 n_pixel=3000, image_mix={"image/single": 1.0}, pointing=True, batch_size=16, minutes=3.0,
+                 freeze=MATCH_ENCODER_FROZEN),
+        SFTStage(tasks={**CHART_ALL, "zoom-read": {**ZOOM_ALL["zoom-read"], "shortcut_share": 0.2}}, n_pixel=3000,
+                 n_text=300, image_mix={"image/single": 1.0}, freeze=["pointer.match_encoder"]),
+    ],
+    max_steps=100_000, max_minutes=44.0, batch_size=8, lr=1e-3, min_lr_ratio=0.3, warmup_ratio=0.04,
+    pointer_weight=5.0, eval_every=0, eval_tasks=CHART_ALL, eval_samples=100, checkpoint_every=200,
+    autocast="auto",
+)
+"""The chart family on top of the shipped warm start, one run of 44 minutes (docs/results.md, "The
+chart family in one run"): the pointer's own image encoder (a copy of the warm start's) is taught
+the words that name a page's parts on chart views, then chart pointing with both match terms
+(bars by colour, panels and cells by words) with the encoders frozen, chart reading and traces,
+then reading, pointing and traces of charts and zoom-read mixed, so that zoom-read is kept."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     "warmstart": WARMSTART,
     "warmstart-float32": dict(
@@ -1009,6 +1049,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         stages=[replace(stage, minutes=minutes, **(POINTING_WITH_BIG_TAGS if stage.pointing else {}))
                 for stage, minutes in zip(WARMSTART["stages"], (5.5, 7.0, 1.5, 1.0, None), strict=True)],
     ),
+    "chart": CHART_FROM_WARMSTART,
 }
 """Named configurations (`--preset`). ``warmstart`` is the documented warm start: 20 minutes on
 two processes (``torchrun --standalone --nproc-per-node 2 -m agents.sft``), bfloat16 autocast
@@ -1018,7 +1059,7 @@ whole traces from uncluttered to the default suite (docs/results.md). ``warmstar
 is its schedule for a CPU without native bfloat16, where the 20 minutes make fewer steps (872
 against 2,087 on the machines measured): the minutes moved toward reading and pointing,
 pointing batches of 16 with a tenth of big-tag items (`POINTING_WITH_BIG_TAGS`), and the glyph pretraining's token and pooled heads together (docs/results.md, "On a CPU without native
-bfloat16")."""
+bfloat16"). ``chart`` continues from the shipped warm start (`CHART_FROM_WARMSTART`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
