@@ -1009,7 +1009,7 @@ MATCH_ENCODER_FROZEN = ["model.vision", "pointer.match_encoder"]
 CHART_FROM_WARMSTART: dict[str, Any] = dict(
     init_from="checkpoints/tiny-warmstart",
     model={"pointer_match": True, "pointer_match_features": "both", "pointer_match_encoder": True,
-           "box_slot_token_id": 338},
+           "box_slot_token_id": 338},  # 338: the " [" that opens a box in the shipped tokenizer
     vision_pretrain=[
         VisionPretrainConfig(target="view", tower="match", tasks=CHART_POSTERS, samples=4000, steps=100_000,
                              minutes=7.0, batch_size=32, lr=3e-3),
