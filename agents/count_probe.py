@@ -12,7 +12,7 @@ crop (`agents.traces.play_traces`) and asked as a reading stage's item (`Trace.r
   counted thing's centre), as precision and recall.
 
 ``python -m agents.count_probe --model M`` prints them as JSON; ``--plot F.png`` draws the first
-items' crops, the counted centres marked, above the head's token probabilities (docs/results.md,
+items' crops, the counted centres marked, above the head's cell probabilities (docs/results.md,
 "Count: reading the crop, and a count head").
 """
 
@@ -52,7 +52,7 @@ class CountReading:
 @torch.no_grad()
 def count_readings(model: Any, processor: Any, traces: Sequence[Any], source: Any) -> list[CountReading]:
     """Read each count trace's reading item: greedily (scored) and teacher-forced (the head's ``E``
-    and token probabilities where the answer's first digit is written). `model` needs the count head."""
+    and cell probabilities where the answer's first digit is written). `model` needs the count head."""
     from agents.sft import count_answer_labels, count_cell_targets, count_token_labels, oracle_op_scores
     from agents.vlm.encoding import collate, encode_segments
     from agents.vlm.hf import model_inputs
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=150, help="held-out items (default: %(default)s)")
     parser.add_argument("--first-seed", type=int, default=SFTConfig.eval_seed,
                         help="held-out seeds start here (default: those of agents.sft --evaluate, %(default)s)")
-    parser.add_argument("--plot", help="PNG of the first items' crops and the head's token probabilities")
+    parser.add_argument("--plot", help="PNG of the first items' crops and the head's cell probabilities")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
 
