@@ -459,6 +459,19 @@ def count_answer_labels(item: Mapping[str, torch.Tensor], digit_ids: Sequence[in
     return labels
 
 
+def counted_cells(info: Mapping[str, Any], rows: int, cols: int) -> torch.Tensor:
+    """``(rows, cols)`` cells over a count trace's last image (its last crop, or the original
+    where it has none): 1 where a counted thing's centre (`Trace.info`'s ``counted_centres``)
+    falls, 0 elsewhere."""
+    left, top, right, bottom = info["crop_box"] or (0, 0, *info["image_size"])
+    cells = torch.zeros(rows, cols, dtype=torch.long)
+    for x, y in info["counted_centres"]:
+        x, y = (x - left) / (right - left), (y - top) / (bottom - top)
+        if 0 <= x < 1 and 0 <= y < 1:
+            cells[int(y * rows), int(x * cols)] = 1
+    return cells
+
+
 def count_token_labels(item: Mapping[str, torch.Tensor], info: Mapping[str, Any], image_token_id: int,
                        subcells: int = 1) -> torch.Tensor:
     """``(T,)`` for an encoded count trace: at each token of its last image (the last crop, or the
@@ -469,12 +482,7 @@ def count_token_labels(item: Mapping[str, torch.Tensor], info: Mapping[str, Any]
     ids, s = item["input_ids"], subcells
     _, rows, cols = (int(v) for v in item["image_grid_thw"][-1])
     positions = (ids == image_token_id).nonzero().flatten()[-rows * cols:]
-    left, top, right, bottom = info["crop_box"] or (0, 0, *info["image_size"])
-    cells = torch.zeros(rows * s, cols * s, dtype=torch.long)
-    for x, y in info["counted_centres"]:
-        x, y = (x - left) / (right - left), (y - top) / (bottom - top)
-        if 0 <= x < 1 and 0 <= y < 1:
-            cells[int(y * rows * s), int(x * cols * s)] = 1
+    cells = counted_cells(info, rows * s, cols * s)
     parts = cells.view(rows, s, cols, s).permute(0, 2, 1, 3).reshape(rows * cols, s * s)
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[positions] = (parts << torch.arange(s * s)).sum(-1)

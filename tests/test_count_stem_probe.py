@@ -1,0 +1,104 @@
+"""The count stem probe: crops and cell targets, the two forms, a training run that learns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from agents.count_stem_probe import (  # noqa: E402
+    FORMS, CountCrops, batch_tensors, count_crops, main, measure, probe_loss, train_probe,
+)
+from agents.sft import counted_cells  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def crops() -> CountCrops:
+    return count_crops(list(range(9_000_000, 9_000_024)), side=112)
+
+
+def test_counted_cells_by_hand():
+    info = {"crop_box": (100, 200, 180, 240), "image_size": (400, 400),
+            "counted_centres": [(101, 201), (179, 239), (140, 220), (90, 220), (141, 221)]}
+    cells = counted_cells(info, 2, 4)  # cells of 20 x 20 px
+    expected = torch.zeros(2, 4, dtype=torch.long)
+    expected[0, 0] = expected[1, 3] = expected[1, 2] = 1  # (90, 220) lies left of the crop
+    assert torch.equal(cells, expected)
+    whole = counted_cells({**info, "crop_box": None}, 4, 4)  # no crop: the original, cells of 100 px
+    assert whole.sum() == 2 and whole[2, 0] == whole[2, 1] == 1
+
+
+def test_crops_hold_each_counted_centre_and_the_question(crops):
+    n = len(crops.counts)
+    assert n > 15 and crops.images.shape == (n, 112, 112, 3) and crops.cells.shape == (n, 14, 14)
+    # two centres share an 8-px cell now and then (0.6% of the default items)
+    assert (crops.cells.reshape(n, -1).sum(1) == crops.counts).mean() > 0.9
+    assert crops.questions.shape == (n, 3) and crops.questions.min() >= 0
+    assert crops.hard.any() and (~crops.hard).any()
+
+
+def test_crops_round_trip_through_npz(crops, tmp_path):
+    crops.save(tmp_path / "c.npz")
+    back = CountCrops.load(tmp_path / "c.npz")
+    assert all(np.array_equal(getattr(back, k), getattr(crops, k)) for k in CountCrops.__dataclass_fields__)
+
+
+def test_a_flip_moves_the_cells_with_the_image(crops):
+    index = np.arange(8)
+    images, questions, cells, counts = batch_tensors(crops, index)
+    assert images.shape == (8, 3, 112, 112) and -1 <= images.min() and images.max() <= 1
+    flipped_images, _, flipped_cells, _ = batch_tensors(crops, index, np.random.default_rng(3))
+    for i in range(8):
+        matches = [(torch.equal(flipped_images[i], images[i].flip(dims)), torch.equal(flipped_cells[i], cells[i].flip(dims)))
+                   for dims in ([], [-1], [-2], [-2, -1])]
+        assert (True, True) in matches  # the same flip of both
+    assert torch.equal(counts, torch.from_numpy(crops.counts[:8]).float())
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_each_form_gives_one_logit_per_cell(form, crops):
+    model = FORMS[form]()
+    images, questions, cells, counts = batch_tensors(crops, np.arange(4))
+    logits = model(images, questions)
+    assert logits.shape == cells.shape
+    loss = probe_loss(logits, cells, counts, count_weight=0.1)
+    assert loss > probe_loss(logits, cells, counts, count_weight=0.0)
+
+
+def test_measure_by_hand():
+    class Fixed(torch.nn.Module):
+        def forward(self, images, questions):  # cell (0, 0) sure, (0, 1) 0.6, (1, 1) 0.6 of each item
+            logits = torch.full((len(images), 2, 2), -30.0)
+            logits[:, 0, 0], logits[:, 0, 1], logits[:, 1, 1] = 30.0, 0.4055, 0.4055
+            return logits
+    cells = np.zeros((2, 2, 2), np.uint8)
+    cells[0, 0, 0] = cells[0, 0, 1] = cells[1, 0, 0] = 1
+    crops = CountCrops(images=np.zeros((2, 16, 16, 3), np.uint8), questions=np.zeros((2, 3), int), cells=cells,
+                       counts=np.array([2, 1]), hard=np.array([False, True]))
+    out = measure(Fixed(), crops)  # each sum 2.2 -> 2: the first right, the second not
+    assert out["exact"] == 0.5 and out["easy"] == 1.0 and out["hard"] == 0.0
+    assert out["mae"] == pytest.approx((0.2 + 1.2) / 2, abs=1e-4)
+    assert out["precision"] == pytest.approx(3 / 6) and out["recall"] == 1.0
+
+
+def test_training_learns_the_cells_past_their_base_rate(crops, tmp_path):
+    records = train_probe("film", crops, crops, tmp_path, minutes=5, steps=80, batch_size=16, lr=3e-3,
+                          count_weight=0.0, eval_minutes=5, progress=False)
+    assert records[0]["step"] == 0 and records[0]["loss"] is None and records[-1]["step"] == 80
+    rate = crops.cells.mean()  # the best constant guess's cross-entropy
+    assert records[-1]["loss"] < -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == records and {"exact", "corr", "precision", "recall"} <= set(lines[-1])
+    with pytest.raises(ValueError, match="form must be one of"):
+        train_probe("mlp", crops, crops, tmp_path)
+
+
+def test_the_command_writes_metrics_and_a_curve(crops, tmp_path, capsys):
+    crops.save(tmp_path / "c.npz")
+    assert main(["--form", "keys", "--out", str(tmp_path / "run"), "--steps", "3", "--train-crops",
+                 str(tmp_path / "c.npz"), "--test-crops", str(tmp_path / "c.npz"), "--no-progress"]) == 0
+    assert (tmp_path / "run" / "curve.png").stat().st_size > 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
