@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
 
 from agents.count_stem_probe import (  # noqa: E402
     FORMS, CountCrops, batch_tensors, count_crops, main, measure, probe_loss, train_probe,
@@ -90,6 +91,8 @@ def test_training_learns_the_cells_past_their_base_rate(crops, tmp_path):
     assert records[0]["step"] == 0 and records[0]["loss"] is None and records[-1]["step"] == 80
     rate = crops.cells.mean()  # the best constant guess's cross-entropy
     assert records[-1]["loss"] < -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+    saved = load_file(tmp_path / "model.safetensors")
+    assert set(saved) == set(FORMS["film"]().state_dict())
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == records and {"exact", "corr", "precision", "recall"} <= set(lines[-1])
     with pytest.raises(ValueError, match="form must be one of"):
