@@ -99,7 +99,8 @@ class Question(nn.Module):
         from pxr_env.tasks.synthetic.count import QUESTION_KINDS
 
         super().__init__()
-        self.parts = nn.ModuleList(nn.Embedding(n, dim) for n in (len(COLOUR_NAMES) + 1, len(SHAPES), len(QUESTION_KINDS)))
+        sizes = (len(COLOUR_NAMES) + 1, len(SHAPES), len(QUESTION_KINDS))
+        self.parts = nn.ModuleList(nn.Embedding(n, dim) for n in sizes)
         for embedding in self.parts:
             nn.init.normal_(embedding.weight, std=std)
 
@@ -150,7 +151,8 @@ class FiLMProbe(nn.Module):
         super().__init__()
         c = channels
         self.convs = nn.ModuleList([_conv(3, c), _conv(c, 2 * c), _conv(2 * c, 4 * c),
-                                    _conv(4 * c, hidden, TOKEN_PX // 8, TOKEN_PX // 8), _conv(hidden, hidden, stride=1)])
+                                    _conv(4 * c, hidden, TOKEN_PX // 8, TOKEN_PX // 8),
+                                    _conv(hidden, hidden, stride=1)])
         self.film = nn.ModuleList(Question(2 * self.convs[i][0].out_channels, std=0.1) for i in self.FILMED)
         self.out = nn.Conv2d(hidden, PARTS * PARTS, 1)
 
@@ -205,9 +207,10 @@ def measure(model: nn.Module, crops: CountCrops, batch_size: int = 200) -> dict[
     total, counts, hard = p.sum((1, 2)), crops.counts, crops.hard.astype(bool)
     exact = np.round(total) == counts
     marked, held = p > 0.5, crops.cells > 0
+    varies = counts.std() > 0 and total.std() > 0
     return {"exact": float(exact.mean()), "easy": float(exact[~hard].mean()) if (~hard).any() else float("nan"),
             "hard": float(exact[hard].mean()) if hard.any() else float("nan"),
-            "corr": float(np.corrcoef(total, counts)[0, 1]) if counts.std() > 0 else float("nan"),
+            "corr": float(np.corrcoef(total, counts)[0, 1]) if varies else float("nan"),
             "mae": float(np.abs(total - counts).mean()),
             "precision": float((marked & held).sum() / max(marked.sum(), 1)),
             "recall": float((marked & held).sum() / max(held.sum(), 1))}

@@ -53,8 +53,8 @@ def test_a_flip_moves_the_cells_with_the_image(crops):
     assert images.shape == (8, 3, 112, 112) and -1 <= images.min() and images.max() <= 1
     flipped_images, _, flipped_cells, _ = batch_tensors(crops, index, np.random.default_rng(3))
     for i in range(8):
-        matches = [(torch.equal(flipped_images[i], images[i].flip(dims)), torch.equal(flipped_cells[i], cells[i].flip(dims)))
-                   for dims in ([], [-1], [-2], [-2, -1])]
+        matches = [(torch.equal(flipped_images[i], images[i].flip(dims)),
+                    torch.equal(flipped_cells[i], cells[i].flip(dims))) for dims in ([], [-1], [-2], [-2, -1])]
         assert (True, True) in matches  # the same flip of both
     assert torch.equal(counts, torch.from_numpy(crops.counts[:8]).float())
 
@@ -83,6 +83,7 @@ def test_measure_by_hand():
     assert out["exact"] == 0.5 and out["easy"] == 1.0 and out["hard"] == 0.0
     assert out["mae"] == pytest.approx((0.2 + 1.2) / 2, abs=1e-4)
     assert out["precision"] == pytest.approx(3 / 6) and out["recall"] == 1.0
+    assert np.isnan(out["corr"])  # the sums do not vary
 
 
 def test_training_learns_the_cells_past_their_base_rate(crops, tmp_path):
