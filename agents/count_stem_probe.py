@@ -64,6 +64,22 @@ class CountCrops:
             return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
+class _KeptMeta:
+    """A task source that keeps the meta of each sample it serves, so that a played item's
+    question and tier are read without generating the sample again."""
+
+    def __init__(self, source: Any) -> None:
+        self.source, self.name, self.meta = source, source.name, {}
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.source.sample(rng)
+
+    def get(self, sample_id: str) -> Any:
+        sample = self.source.get(sample_id)
+        self.meta[sample_id] = sample.meta
+        return sample
+
+
 def count_crops(seeds: Sequence[int], side: int = 112, progress: bool = False) -> CountCrops:
     """The oracle's single-crop traces of the default count items (no shortcut items) of `seeds`."""
     from PIL import Image
@@ -75,11 +91,12 @@ def count_crops(seeds: Sequence[int], side: int = 112, progress: bool = False) -
 
     if side % TOKEN_PX:
         raise ValueError(f"side must be a multiple of {TOKEN_PX} (whole tokens), got {side}")
-    source, grid = Count(shortcut_share=0.0), side // TOKEN_PX * PARTS
+    source, grid = _KeptMeta(Count(shortcut_share=0.0)), side // TOKEN_PX * PARTS
     rows: dict[str, list[Any]] = {k: [] for k in CountCrops.__dataclass_fields__}
     for start in tqdm(range(0, len(seeds), 500), desc="count crops", unit="500 items", disable=not progress):
-        for trace in play_traces(source, [source.sample_id(s) for s in seeds[start:start + 500]]):
-            meta = source.get(trace.sample_id).meta
+        source.meta.clear()
+        for trace in play_traces(source, [source.source.sample_id(s) for s in seeds[start:start + 500]]):
+            meta = source.meta[trace.sample_id]
             rows["images"].append(np.asarray(Image.fromarray(trace.images[-1]).resize((side, side), Image.BICUBIC)))
             colour = COLOUR_NAMES.index(meta["colour"]) if meta["colour"] else len(COLOUR_NAMES)
             rows["questions"].append((colour, SHAPES.index(meta["shape"]), QUESTION_KINDS.index(meta["kind"])))

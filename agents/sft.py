@@ -247,8 +247,7 @@ class SFTConfig:
     count_weight: float = 0.0
     """Loss weight of the count head's token targets: where a count trace first writes its answer,
     each token of the latest image (each part of one, with ``count_subcells``) should hold a counted
-    thing's centre or not (`count_token_labels`;
-    needs ``"model": {"count_head": true}``). Taught by the answers alone the head's ``E`` counted
+    thing's centre or not (`count_token_labels`; needs ``"model": {"count_head": true}``). Taught by the answers alone the head's ``E`` counted
     poorly and the answers did not follow it (docs/results.md)."""
     eval_every: int = 200
     """Steps between closed-loop evaluations (0: only at the end)."""
