@@ -2,20 +2,22 @@
 
 The count head (docs/tiny-model.md) sums over the cells of the crop the probability that each
 holds a thing of the colour and shape the question names (or of its shape inside the frame).
-This probe takes the VLM away: a conv stem, a question embedding (colour, shape, question kind)
-and the head's cell targets (`agents.sft.counted_cells` over 2 x 2 parts of 16-px tokens),
-trained from scratch on the oracle's crops of count items (resized to a square) and measured on
-held-out crops. Two forms:
+This probe takes the VLM away: a conv stem, the question and the head's cell targets
+(`agents.sft.counted_cells` over 2 x 2 parts of 16-px tokens), trained from scratch on the
+oracle's crops of count items (resized to a square) and measured on held-out crops. Two forms:
 
 - ``keys``: the warm start's stem layout (`conv_stem`) and a bilinear score of a question query
-  against four keys per token: the count head's form, the question met only at the end;
-- ``film``: the same stride-2 layout with the question's scale and shift (FiLM) after its
-  2nd, 3rd and 4th conv: the question read while the features are made.
+  (embeddings of its colour, shape and kind) against four keys per token: the count head's
+  first form, the question met only at the end;
+- ``film``: the VLM's `TinyVLMCountStem` (``count_stem``), the same stride-2 layout with the
+  question's scale and shift (FiLM) after its 2nd, 3rd and 4th conv, the question read from its
+  tokens as the VLM reads them: the question read while the features are made.
 
 ``python -m agents.count_stem_probe --form film --minutes 40 --out DIR`` writes ``metrics.jsonl``
 (the cells' sum rounded against the count, per tier; its correlation and mean error; the cells at
 p > 0.5 against the targets), ``model.safetensors`` and ``curve.png``; ``--compare DIR ...`` draws
-other runs beside it.
+other runs beside it. ``--attach MODEL DEST`` puts a trained ``film`` stem into a checkpoint's
+count head instead (`attach_stem`), so the VLM counts with it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ TOKEN_PX = 16
 """Pixels of a token side in the warm start (`TinyVLMConfig.patch_size`)."""
 PARTS = 2
 """Parts per token side, as the count head's ``count_subcells`` 2."""
+DEFAULT_MODEL = "checkpoints/tiny-warmstart"
+"""The checkpoint whose chat format, env settings and tokenizer the crops and questions follow."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class CountCrops:
     """``(n, side, side, 3)`` uint8: the crop each item's oracle trace read, resized."""
     questions: np.ndarray
     """``(n, 3)``: colour (its index in ``COLOUR_NAMES``; one more for a frame question), shape, kind."""
+    question_ids: np.ndarray
+    """``(n, length)``: the question's tokens as the VLM reads them (`question_mask`), -1 after the end."""
     cells: np.ndarray
     """``(n, g, g)`` uint8: 1 where a counted centre falls (``g = side / 8``)."""
     counts: np.ndarray
@@ -80,38 +86,66 @@ class _KeptMeta:
         return sample
 
 
-def count_crops(seeds: Sequence[int], side: int = 112, progress: bool = False) -> CountCrops:
-    """The oracle's single-crop traces of the default count items (no shortcut items) of `seeds`."""
+def count_crops(seeds: Sequence[int], model: str | Path = DEFAULT_MODEL, side: int = 112,
+                progress: bool = False) -> CountCrops:
+    """The oracle's single-crop traces of the default count items (no shortcut items) of `seeds`,
+    played as `model` plays them (its chat format, env settings and box tokens); each question's
+    tokens are those its count head reads in the trace's reading item."""
     from PIL import Image
 
-    from agents.sft import counted_cells
+    from agents.sft import box_vocab, counted_cells, trace_options
     from agents.traces import play_traces
+    from agents.vlm.encoding import encode_segments
+    from agents.vlm.hf import TransformersPolicy
+    from agents.vlm.tiny.modeling_tiny_vlm import question_mask
     from pxr_env.tasks.synthetic.common import COLOUR_NAMES, SHAPES
     from pxr_env.tasks.synthetic.count import QUESTION_KINDS, Count
 
     if side % TOKEN_PX:
         raise ValueError(f"side must be a multiple of {TOKEN_PX} (whole tokens), got {side}")
+    policy = TransformersPolicy.from_pretrained(str(model))
+    config = policy.model.config
+    options = trace_options(box_vocab(config), policy.chat_format, policy.env_kwargs)
     source, grid = _KeptMeta(Count(shortcut_share=0.0)), side // TOKEN_PX * PARTS
     rows: dict[str, list[Any]] = {k: [] for k in CountCrops.__dataclass_fields__}
     for start in tqdm(range(0, len(seeds), 500), desc="count crops", unit="500 items", disable=not progress):
         source.meta.clear()
-        for trace in play_traces(source, [source.source.sample_id(s) for s in seeds[start:start + 500]]):
+        ids = [source.source.sample_id(s) for s in seeds[start:start + 500]]
+        for trace in play_traces(source, ids, options=options):
             meta = source.meta[trace.sample_id]
             rows["images"].append(np.asarray(Image.fromarray(trace.images[-1]).resize((side, side), Image.BICUBIC)))
             colour = COLOUR_NAMES.index(meta["colour"]) if meta["colour"] else len(COLOUR_NAMES)
             rows["questions"].append((colour, SHAPES.index(meta["shape"]), QUESTION_KINDS.index(meta["kind"])))
+            input_ids = encode_segments(policy.processor, *trace.reading())["input_ids"][None]
+            mask = question_mask(input_ids, config.image_token_id, config.eos_token_id, config.pad_token_id)
+            rows["question_ids"].append(input_ids[mask].numpy())
             rows["cells"].append(counted_cells(trace.info, grid, grid).numpy().astype(np.uint8))
             rows["counts"].append(len(trace.info["counted_centres"]))
             rows["hard"].append(meta["tier"] == "hard")
     if not rows["counts"]:
         raise ValueError("no count item of these seeds could be played")
-    return CountCrops(**{k: np.stack(v) if k in ("images", "cells") else np.asarray(v) for k, v in rows.items()})
+    longest = max(len(q) for q in rows["question_ids"])
+    rows["question_ids"] = [np.pad(q, (0, longest - len(q)), constant_values=-1) for q in rows["question_ids"]]
+    stacked = ("images", "cells", "question_ids")
+    return CountCrops(**{k: np.stack(v) if k in stacked else np.asarray(v) for k, v in rows.items()})
+
+
+def stem_config(model: str | Path = DEFAULT_MODEL) -> Any:
+    """`model`'s config with a count head of ``PARTS`` x ``PARTS`` parts that has its own stem
+    (``count_stem``): the sizes a ``film`` probe takes, to be attached to that model."""
+    from agents.vlm.tiny.configuration_tiny_vlm import TinyVLMConfig
+
+    config = TinyVLMConfig.from_pretrained(str(model))
+    if config.patch_size != TOKEN_PX:
+        raise ValueError(f"the probe's crops have {TOKEN_PX}-px tokens; {model} has {config.patch_size}")
+    config.count_head, config.count_subcells, config.count_stem = True, PARTS, True
+    return config
 
 
 class Question(nn.Module):
     """A count question as one vector: the sum of its colour, shape and kind embeddings."""
 
-    def __init__(self, dim: int, std: float = 1.0) -> None:
+    def __init__(self, dim: int) -> None:
         from pxr_env.tasks.synthetic.common import COLOUR_NAMES, SHAPES
         from pxr_env.tasks.synthetic.count import QUESTION_KINDS
 
@@ -119,15 +153,10 @@ class Question(nn.Module):
         sizes = (len(COLOUR_NAMES) + 1, len(SHAPES), len(QUESTION_KINDS))
         self.parts = nn.ModuleList(nn.Embedding(n, dim) for n in sizes)
         for embedding in self.parts:
-            nn.init.normal_(embedding.weight, std=std)
+            nn.init.normal_(embedding.weight)
 
     def forward(self, questions: torch.Tensor) -> torch.Tensor:
         return sum(embedding(questions[:, i]) for i, embedding in enumerate(self.parts))
-
-
-def _conv(cin: int, cout: int, kernel: int = 3, stride: int = 2) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2 if kernel == 3 else 0),
-                         nn.GroupNorm(8, cout), nn.GELU())
 
 
 def _token_parts(logits: torch.Tensor) -> torch.Tensor:
@@ -138,6 +167,8 @@ def _token_parts(logits: torch.Tensor) -> torch.Tensor:
 
 class KeysProbe(nn.Module):
     """The warm start's stem and the count head's bilinear score: question query . cell key."""
+
+    reads = "questions"
 
     def __init__(self, channels: int = 32, hidden: int = 128, dim: int = 64) -> None:
         from agents.vlm.tiny.configuration_tiny_vlm import TinyVLMConfig
@@ -160,36 +191,69 @@ class KeysProbe(nn.Module):
 
 
 class FiLMProbe(nn.Module):
-    """The same stride-2 layout with the question's scale and shift after the 2nd, 3rd and 4th conv."""
+    """The VLM's count stem (`TinyVLMCountStem`) of `config`'s sizes, and the head's bias."""
 
-    FILMED = (1, 2, 3)
+    reads = "question_ids"
 
-    def __init__(self, channels: int = 32, hidden: int = 128) -> None:
+    def __init__(self, config: Any) -> None:
+        from agents.vlm.tiny.modeling_tiny_vlm import TinyVLMCountStem
+
         super().__init__()
-        c = channels
-        self.convs = nn.ModuleList([_conv(3, c), _conv(c, 2 * c), _conv(2 * c, 4 * c),
-                                    _conv(4 * c, hidden, TOKEN_PX // 8, TOKEN_PX // 8),
-                                    _conv(hidden, hidden, stride=1)])
-        self.film = nn.ModuleList(Question(2 * self.convs[i][0].out_channels, std=0.1) for i in self.FILMED)
-        self.out = nn.Conv2d(hidden, PARTS * PARTS, 1)
+        self.stem = TinyVLMCountStem(config)
+        nn.init.normal_(self.stem.words.weight, std=0.3)  # as the VLM initialises them: FiLM starts off
+        for film in self.stem.film:
+            nn.init.zeros_(film.weight)
+            nn.init.zeros_(film.bias)
+        self.bias = nn.Parameter(torch.zeros(()))
 
-    def forward(self, images: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
-        x = images
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i in self.FILMED:
-                scale, shift = self.film[self.FILMED.index(i)](questions).chunk(2, dim=-1)
-                x = x * (1 + scale[..., None, None]) + shift[..., None, None]
-        return _token_parts(self.out(x))
+    def forward(self, images: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
+        question = self.stem.question(question_ids.clamp(min=0), question_ids >= 0)
+        return _token_parts(self.stem(images, question) + self.bias)
 
 
-FORMS = {"keys": KeysProbe, "film": FiLMProbe}
+FORMS = ("film", "keys")
 
 
-def batch_tensors(crops: CountCrops, index: np.ndarray, rng: np.random.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1], questions, cell targets and counts of `index`; with `rng`, each crop
-    flipped left-right and up-down at random, its cells with it."""
+def build_probe(form: str, model: str | Path = DEFAULT_MODEL) -> nn.Module:
+    """A fresh probe of `form`; a ``film`` one has the sizes of `model`'s count stem (`stem_config`)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+    return FiLMProbe(stem_config(model)) if form == "film" else KeysProbe()
+
+
+def attach_stem(run: str | Path, model: str | Path, out: str | Path, gate: float = 2.0) -> Path:
+    """`model` with a count head whose stem and bias are a ``film`` probe's (``run/model.safetensors``),
+    its gate's bias set to `gate` (its weights zero: a fixed width around the stem's count),
+    saved to `out` with the processor, chat format and env settings."""
+    from safetensors.torch import load_file
+
+    from agents.sft import save_model
+    from agents.vlm.hf import TransformersPolicy, load_model
+    from agents.vlm.tiny import digit_token_ids
+
+    weights = load_file(Path(run) / "model.safetensors")
+    if "stem.words.weight" not in weights:
+        raise ValueError(f"{run} holds no film probe (its weights have no stem.words): train one with --form film")
+    config = stem_config(model)
+    policy = TransformersPolicy.from_pretrained(str(model))
+    if list(policy.processor.image_processor.image_mean) != [0.5] * 3 or \
+            list(policy.processor.image_processor.image_std) != [0.5] * 3:
+        raise ValueError("the probe's crops are scaled to [-1, 1]; this model's processor scales them otherwise")
+    overrides = {k: getattr(config, k) for k in ("count_head", "count_subcells", "count_stem")}
+    vlm = load_model(str(model), config_overrides={**overrides,
+                                                   "digit_token_ids": digit_token_ids(policy.processor.tokenizer)})
+    vlm.count.stem.load_state_dict({k[len("stem."):]: v for k, v in weights.items() if k.startswith("stem.")})
+    with torch.no_grad():
+        vlm.count.bias.copy_(weights["bias"])
+        vlm.count.gate.bias.fill_(gate)
+    return save_model(vlm, policy.processor, policy.chat_format, policy.env_kwargs, out)
+
+
+def batch_tensors(crops: CountCrops, index: np.ndarray, rng: np.random.Generator | None = None,
+                  reads: str = "questions") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] (the tiny processor's scale), the questions (the field `reads`), cell
+    targets and counts of `index`; with `rng`, each crop flipped left-right and up-down at random,
+    its cells with it."""
     images = torch.from_numpy(crops.images[index]).permute(0, 3, 1, 2).float() / 127.5 - 1
     cells = torch.from_numpy(crops.cells[index]).float()
     if rng is not None:
@@ -197,7 +261,7 @@ def batch_tensors(crops: CountCrops, index: np.ndarray, rng: np.random.Generator
             flip = torch.from_numpy(rng.random(len(index)) < 0.5)
             images[flip] = images[flip].flip(dim_image)
             cells[flip] = cells[flip].flip(dim_cells)
-    return (images, torch.from_numpy(crops.questions[index]).long(), cells,
+    return (images, torch.from_numpy(getattr(crops, reads)[index]).long(), cells,
             torch.from_numpy(crops.counts[index]).float())
 
 
@@ -217,7 +281,8 @@ def measure(model: nn.Module, crops: CountCrops, batch_size: int = 200) -> dict[
     model.eval()
     probabilities = []
     for start in range(0, len(crops.counts), batch_size):
-        images, questions, _, _ = batch_tensors(crops, np.arange(start, min(start + batch_size, len(crops.counts))))
+        index = np.arange(start, min(start + batch_size, len(crops.counts)))
+        images, questions, _, _ = batch_tensors(crops, index, reads=model.reads)
         probabilities.append(torch.sigmoid(model(images, questions)))
     model.train(was_training)
     p = torch.cat(probabilities).numpy()
@@ -235,24 +300,23 @@ def measure(model: nn.Module, crops: CountCrops, batch_size: int = 200) -> dict[
 
 def train_probe(form: str, train: CountCrops, test: CountCrops, out: str | Path, minutes: float = 40.0,
                 steps: int = 1_000_000, batch_size: int = 64, lr: float = 1e-3, count_weight: float = 0.0,
-                eval_minutes: float = 5.0, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
-    """Train one probe until `minutes` or `steps`; measure on `test` every `eval_minutes` and at
-    the end, each record appended to ``out/metrics.jsonl``; the weights end in
-    ``out/model.safetensors``. Returns the records."""
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+                eval_minutes: float = 5.0, seed: int = 0, model: str | Path = DEFAULT_MODEL,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """Train one probe (`build_probe`) until `minutes` or `steps`; measure on `test` every
+    `eval_minutes` and at the end, each record appended to ``out/metrics.jsonl``; the weights end
+    in ``out/model.safetensors``. Returns the records."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = FORMS[form]()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    probe = build_probe(form, model)
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.01)
     records: list[dict[str, Any]] = []
     start, next_eval, step = time.monotonic(), 0.0, 0
     bar = tqdm(total=steps, desc=f"count stem probe ({form})", unit="step", disable=not progress)
     with open(out / "metrics.jsonl", "w") as log:
         def record(loss: float | None) -> None:
-            row = {"step": step, "minutes": (time.monotonic() - start) / 60, "loss": loss, **measure(model, test)}
+            row = {"step": step, "minutes": (time.monotonic() - start) / 60, "loss": loss, **measure(probe, test)}
             records.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -263,8 +327,9 @@ def train_probe(form: str, train: CountCrops, test: CountCrops, out: str | Path,
             if time.monotonic() - start >= next_eval * 60:
                 record(loss)
                 next_eval += eval_minutes
-            images, questions, cells, counts = batch_tensors(train, rng.integers(0, len(train.counts), batch_size), rng)
-            value = probe_loss(model(images, questions), cells, counts, count_weight)
+            index = rng.integers(0, len(train.counts), batch_size)
+            images, questions, cells, counts = batch_tensors(train, index, rng, probe.reads)
+            value = probe_loss(probe(images, questions), cells, counts, count_weight)
             optimizer.zero_grad()
             value.backward()
             optimizer.step()
@@ -272,7 +337,7 @@ def train_probe(form: str, train: CountCrops, test: CountCrops, out: str | Path,
             bar.update()
         record(loss)
     bar.close()
-    save_file(model.state_dict(), out / "model.safetensors")
+    save_file(probe.state_dict(), out / "model.safetensors")
     return records
 
 
@@ -305,11 +370,11 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _crops(path: str | None, seeds: range, progress: bool) -> CountCrops:
+def _crops(path: str | None, seeds: range, model: str, progress: bool) -> CountCrops:
     """Crops of `seeds`, read from `path` when it exists, else made (and saved there if given)."""
     if path and Path(path).exists():
         return CountCrops.load(path)
-    crops = count_crops(list(seeds), progress=progress)
+    crops = count_crops(list(seeds), model, progress=progress)
     if path:
         crops.save(path)
     return crops
@@ -318,7 +383,13 @@ def _crops(path: str | None, seeds: range, progress: bool) -> CountCrops:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--form", choices=sorted(FORMS), default="film")
-    parser.add_argument("--out", required=True, help="folder for metrics.jsonl and curve.png")
+    parser.add_argument("--out", required=True, help="folder for metrics.jsonl and curve.png (with --attach: "
+                                                     "the film run whose stem is attached)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="checkpoint whose chat format, settings and tokenizer the crops follow (default: %(default)s)")
+    parser.add_argument("--attach", nargs=2, metavar=("MODEL", "DEST"),
+                        help="instead of training: save MODEL with a count head holding --out's film stem to DEST")
+    parser.add_argument("--gate", type=float, default=2.0, help="the attached head's gate (default: %(default)s)")
     parser.add_argument("--minutes", type=float, default=40.0, help="training minutes (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=1_000_000, help="most steps (default: %(default)s)")
     parser.add_argument("--train-items", type=int, default=24_000, help="training crops (default: %(default)s)")
@@ -335,13 +406,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    if args.attach:
+        print(attach_stem(args.out, args.attach[0], args.attach[1], args.gate))
+        return 0
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
     # Seeds apart from the SFT's items (from 0) and its held-out ones (agents.sft's eval_seed).
-    train = _crops(args.train_crops, range(6_000_000, 6_000_000 + args.train_items), progress)
-    test = _crops(args.test_crops, range(9_000_000, 9_000_000 + args.test_items), progress)
+    train = _crops(args.train_crops, range(6_000_000, 6_000_000 + args.train_items), args.model, progress)
+    test = _crops(args.test_crops, range(9_000_000, 9_000_000 + args.test_items), args.model, progress)
     records = train_probe(args.form, train, test, args.out, minutes=args.minutes, steps=args.steps, lr=args.lr,
-                          count_weight=args.count_weight, seed=args.seed, progress=progress)
+                          count_weight=args.count_weight, seed=args.seed, model=args.model, progress=progress)
     runs = {f"{args.form} ({args.out})": records, **{str(run): read_metrics(run) for run in args.compare}}
     plot_runs(runs, Path(args.out) / "curve.png")
     print(json.dumps(records[-1], indent=2))

@@ -103,7 +103,10 @@ def test_digit_logits_get_the_count_of_the_latest_image(model, processor):
     assert out.count_keys.shape[:3] == (1, 2, len(second)) and bool(out.count_held.all())
 
 
-def test_cached_generation_carries_the_count_keys(model, processor):
+@pytest.mark.parametrize("stem", [False, True], ids=["keys", "stem"])
+def test_cached_generation_carries_the_count_keys(model, processor, stem):
+    if stem:
+        model = build_tiny_model(processor, seed=0, count_head=True, count_subcells=2, count_stem=True, **SMALL).eval()
     inputs = _inputs(processor, reply="It shows ")
     options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad(), _gate(model, 1.0):
@@ -287,3 +290,77 @@ def test_token_parts_mark_each_centre_once_and_the_head_sums_over_them(processor
     torch.testing.assert_close(out.count_expected[0, -1], count, atol=1e-4, rtol=1e-4)
     with pytest.raises(Exception, match="count_subcells must be at least 1"):
         tiny_config(processor.tokenizer, count_subcells=0)
+
+
+def test_the_question_is_the_text_before_the_first_image_after_the_last_turn_end(processor):
+    from agents.vlm.tiny.modeling_tiny_vlm import question_mask
+
+    config = tiny_config(processor.tokenizer)
+    inputs = _inputs(processor)
+    ids = inputs["input_ids"]
+    padded = torch.cat([torch.full((1, 3), config.pad_token_id), ids], dim=1)  # left padding
+    for row in (ids, padded):
+        mask = question_mask(row, config.image_token_id, config.eos_token_id, config.pad_token_id)
+        text = processor.tokenizer.decode(row[mask])
+        assert text == "\n<|im_start|>user\nHow many red circles are there?<|vision_start|>"
+    no_end = ids[:, int((ids[0] == config.eos_token_id).nonzero()[0]) + 1:]  # the system turn cached apart
+    mask = question_mask(no_end, config.image_token_id, config.eos_token_id, config.pad_token_id)
+    assert processor.tokenizer.decode(no_end[mask]).endswith("How many red circles are there?<|vision_start|>")
+
+
+def test_a_count_stem_counts_what_the_question_names_in_the_latest_image(processor):
+    """With ``count_stem`` ``E`` is the sum of ``sigmoid(c_t + b)`` over the latest image's token
+    parts, ``c`` the stem's logits of that image under the question's tokens; another colour in
+    the question gives another count; training moves the stem."""
+    from agents.vlm.tiny.modeling_tiny_vlm import question_mask
+
+    model = build_tiny_model(processor, seed=0, count_head=True, count_subcells=2, count_stem=True, **SMALL).eval()
+    assert model.count.query is None and model.count.key is None
+    with torch.no_grad():  # FiLM starts at zero: give the question a say
+        for film in model.count.stem.film:
+            film.weight.normal_(std=0.1)
+    inputs = _inputs(processor)
+    config = model.config
+    with torch.no_grad(), _gate(model, 1.5):
+        out = model(**inputs)
+        mask = question_mask(inputs["input_ids"], config.image_token_id, config.eos_token_id, config.pad_token_id)
+        question = model.count.stem.question(inputs["input_ids"], mask)
+        crop = torch.from_numpy(_image(1)).permute(2, 0, 1)[None].float() / 127.5 - 1  # the processor's scale
+        logits = model.count.stem(crop, question)  # (1, 4, 7, 7): parts, token rows, token columns
+        count = torch.sigmoid(logits + model.count.bias).sum()
+    assert out.count_keys.shape == (1, 2, 49 * 4, 1)
+    torch.testing.assert_close(out.count_expected[0, -1], count, atol=1e-4, rtol=1e-4)
+    # token-major keys: token t's four parts (row-major) follow each other
+    torch.testing.assert_close(out.count_keys[0, 1, :4, 0], logits[0, :, 0, 0], atol=1e-5, rtol=1e-5)
+    other = inputs["input_ids"].clone()
+    red_id = processor.tokenizer(" red", add_special_tokens=False).input_ids
+    blue_id = processor.tokenizer(" blue", add_special_tokens=False).input_ids
+    assert len(red_id) == len(blue_id) == 1
+    other[other == red_id[0]] = blue_id[0]
+    with torch.no_grad():
+        recoloured = model(**{**inputs, "input_ids": other}).count_expected[0, -1]
+    assert abs(float(recoloured - out.count_expected[0, -1])) > 1e-3
+
+    before = {n: p.detach().clone() for n, p in model.count.named_parameters()}
+    model.train()
+    optimizer = torch.optim.Adam(model.count.parameters(), lr=1e-2)
+    target = torch.tensor(3.0)
+    losses = []
+    for _ in range(20):
+        loss = (model(**inputs).count_expected[0, -1] - target) ** 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+    moved = {n for n, p in model.count.named_parameters() if not torch.equal(before[n], p)}
+    assert {"stem.words.weight", "stem.film.0.weight", "stem.convs.0.0.weight", "stem.out.weight", "bias"} <= moved
+
+
+def test_a_count_stem_needs_the_head_and_the_pixels(processor):
+    with pytest.raises(Exception, match="count_stem is a part of the count head"):  # hub's validation error
+        tiny_config(processor.tokenizer, count_stem=True)
+    model = build_tiny_model(processor, seed=0, count_head=True, count_stem=True, **SMALL).eval()
+    inputs = _inputs(processor, crop=False)
+    with pytest.raises(ValueError, match="count_stem needs the pixel_values"):
+        model.count.keys(torch.zeros(1, inputs["input_ids"].shape[1], 64), inputs["input_ids"], model.config)

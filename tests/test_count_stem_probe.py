@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
 from agents.count_stem_probe import (  # noqa: E402
-    FORMS, CountCrops, batch_tensors, count_crops, main, measure, probe_loss, train_probe,
+    DEFAULT_MODEL, FORMS, CountCrops, attach_stem, batch_tensors, build_probe, count_crops, main,
+    measure, probe_loss, train_probe,
 )
 from agents.sft import counted_cells  # noqa: E402
 
@@ -38,6 +39,15 @@ def test_crops_hold_each_counted_centre_and_the_question(crops):
     # two centres share an 8-px cell now and then (0.6% of the default items)
     assert (crops.cells.reshape(n, -1).sum(1) == crops.counts).mean() > 0.9
     assert crops.questions.shape == (n, 3) and crops.questions.min() >= 0
+    from transformers import AutoProcessor
+
+    import agents.vlm.tiny  # noqa: F401  (registers the tiny processor)
+
+    tokenizer = AutoProcessor.from_pretrained(DEFAULT_MODEL).tokenizer
+    for ids, (_, _, kind) in zip(crops.question_ids[:6], crops.questions[:6]):
+        text = tokenizer.decode(ids[ids >= 0])
+        assert text.startswith("\n<|im_start|>user\nHow many ") and text.endswith("?<|vision_start|>")
+        assert ("inside the" in text) == (kind == 1)  # the region kind names a frame
     assert crops.hard.any() and (~crops.hard).any()
 
 
@@ -61,8 +71,8 @@ def test_a_flip_moves_the_cells_with_the_image(crops):
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_each_form_gives_one_logit_per_cell(form, crops):
-    model = FORMS[form]()
-    images, questions, cells, counts = batch_tensors(crops, np.arange(4))
+    model = build_probe(form)
+    images, questions, cells, counts = batch_tensors(crops, np.arange(4), reads=model.reads)
     logits = model(images, questions)
     assert logits.shape == cells.shape
     loss = probe_loss(logits, cells, counts, count_weight=0.1)
@@ -71,13 +81,16 @@ def test_each_form_gives_one_logit_per_cell(form, crops):
 
 def test_measure_by_hand():
     class Fixed(torch.nn.Module):
+        reads = "questions"
+
         def forward(self, images, questions):  # cell (0, 0) sure, (0, 1) 0.6, (1, 1) 0.6 of each item
             logits = torch.full((len(images), 2, 2), -30.0)
             logits[:, 0, 0], logits[:, 0, 1], logits[:, 1, 1] = 30.0, 0.4055, 0.4055
             return logits
     cells = np.zeros((2, 2, 2), np.uint8)
     cells[0, 0, 0] = cells[0, 0, 1] = cells[1, 0, 0] = 1
-    crops = CountCrops(images=np.zeros((2, 16, 16, 3), np.uint8), questions=np.zeros((2, 3), int), cells=cells,
+    crops = CountCrops(images=np.zeros((2, 16, 16, 3), np.uint8), questions=np.zeros((2, 3), int),
+                       question_ids=np.zeros((2, 4), int), cells=cells,
                        counts=np.array([2, 1]), hard=np.array([False, True]))
     out = measure(Fixed(), crops)  # each sum 2.2 -> 2: the first right, the second not
     assert out["exact"] == 0.5 and out["easy"] == 1.0 and out["hard"] == 0.0
@@ -93,7 +106,7 @@ def test_training_learns_the_cells_past_their_base_rate(crops, tmp_path):
     rate = crops.cells.mean()  # the best constant guess's cross-entropy
     assert records[-1]["loss"] < -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
     saved = load_file(tmp_path / "model.safetensors")
-    assert set(saved) == set(FORMS["film"]().state_dict())
+    assert set(saved) == set(build_probe("film").state_dict())
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == records and {"exact", "corr", "precision", "recall"} <= set(lines[-1])
     with pytest.raises(ValueError, match="form must be one of"):
@@ -106,3 +119,39 @@ def test_the_command_writes_metrics_and_a_curve(crops, tmp_path, capsys):
                  str(tmp_path / "c.npz"), "--test-crops", str(tmp_path / "c.npz"), "--no-progress"]) == 0
     assert (tmp_path / "run" / "curve.png").stat().st_size > 0
     assert json.loads(capsys.readouterr().out)["step"] == 3
+
+
+def test_an_attached_stem_gives_the_vlm_the_probes_cell_logits(crops, tmp_path):
+    """A film probe put into the warm start's count head: on a crop and its question shown as the
+    VLM is shown them, the head's part logits are the probe's (token-major, each token's four
+    parts row-major), and its bias and gate are those asked for."""
+    from safetensors.torch import load_file
+
+    from agents.vlm.chat import load_chat_format
+    from agents.vlm.hf import TransformersPolicy
+
+    train_probe("film", crops, crops, tmp_path / "run", minutes=5, steps=5, batch_size=8, progress=False)
+    attach_stem(tmp_path / "run", DEFAULT_MODEL, tmp_path / "vlm", gate=3.0)
+    policy = TransformersPolicy.from_pretrained(str(tmp_path / "vlm"))
+    model, processor = policy.model.eval(), policy.processor
+    assert model.config.count_stem and model.count.gate.bias.item() == 3.0
+    assert load_chat_format(tmp_path / "vlm") == load_chat_format(DEFAULT_MODEL)
+    probe = build_probe("film")
+    probe.load_state_dict(load_file(tmp_path / "run" / "model.safetensors"))
+    assert model.count.bias.item() == probe.bias.item()
+    ids = crops.question_ids[0]
+    asked = processor.tokenizer.decode(ids[ids >= 0]).split("user\n")[1].removesuffix("<|vision_start|>")
+    conversation = policy.chat_format.conversation()
+    conversation.add_observation({"text": asked, "images": [crops.images[0]]})
+    text = processor.apply_chat_template(conversation.messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[crops.images[0]], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 7, 7]]
+    with torch.no_grad():
+        keys = model(**inputs).count_keys[0, 0, :, 0]
+        images, questions, _, _ = batch_tensors(crops, np.arange(1), reads=probe.reads)
+        logits = probe(images, questions) - probe.bias  # (1, 14, 14) cells
+    parts = logits.view(7, 2, 7, 2).permute(0, 2, 1, 3).reshape(-1)  # token-major, then each token's parts
+    torch.testing.assert_close(keys, parts, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="holds no film probe"):
+        train_probe("keys", crops, crops, tmp_path / "keys", minutes=5, steps=1, progress=False)
+        attach_stem(tmp_path / "keys", DEFAULT_MODEL, tmp_path / "no")

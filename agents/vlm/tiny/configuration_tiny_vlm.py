@@ -106,6 +106,10 @@ class TinyVLMConfig(PreTrainedConfig):
             share a token are both counted (with 16-px tokens on the 112-px count crops a
             token per thing caps the exact count at 0.68 of the items, two a side at 0.99;
             docs/results.md).
+        count_stem: the count head's token logits come from a conv stem of its own over each
+            image's pixels, shaped by the question's tokens (`TinyVLMCountStem`; the question
+            is read from the text before the first image, so the ``question_first`` chat layout)
+            instead of a query of the decoder state against keys of the image tokens' states.
         digit_token_ids: ids of the tokens ``0`` .. ``9`` (set by `agents.vlm.tiny.tiny_config`).
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
@@ -152,6 +156,7 @@ class TinyVLMConfig(PreTrainedConfig):
     max_frames: int = 16
     count_head: bool = False
     count_subcells: int = 1
+    count_stem: bool = False
     digit_token_ids: list[int] = field(default_factory=list)
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
@@ -205,6 +210,11 @@ class TinyVLMConfig(PreTrainedConfig):
             raise ValueError(f"pointer_subcells must be at least 1, got {self.pointer_subcells}")
         if self.count_subcells < 1:
             raise ValueError(f"count_subcells must be at least 1, got {self.count_subcells}")
+        if self.count_stem and not self.count_head:
+            raise ValueError("count_stem is a part of the count head: set count_head too")
+        if self.count_stem and (self.stem_channels % 8 or self.hidden_size % 8):
+            raise ValueError(f"count_stem needs stem_channels and hidden_size divisible by 8 (its GroupNorm "
+                             f"groups), got {self.stem_channels}, {self.hidden_size}")
         if self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 (the stem halves it three times), got {self.patch_size}")
         if self.frame_windows:

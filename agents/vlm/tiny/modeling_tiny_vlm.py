@@ -34,7 +34,9 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
 - **Count head** (``count_head``). The digit tokens' logits get a term that counts what the
   decoder state asks for in the latest image before it: ``-g(h) (d - E)^2 / 2`` for digit
   ``d``, ``E`` the sum over that image's tokens of ``sigmoid(q(h) . k_t / sqrt(d) + b)``, the
-  gate ``g`` starting small (`TinyVLMCountHead`).
+  gate ``g`` starting small (`TinyVLMCountHead`). With ``count_stem`` the token logits come
+  from a conv stem of the head's own over each image's pixels, shaped by the question's tokens
+  (`TinyVLMCountStem`), instead of ``q(h) . k_t``.
 
 The keys of image 1 are computed where its tokens are in the input and returned as
 ``pointer_keys`` / ``pointer_valid``; `generate` carries them to the decoding steps. A
@@ -556,6 +558,80 @@ COUNT_GATE = 0.1
 the count follows the answers, and the keys learn only through the gate."""
 
 
+def question_mask(input_ids: torch.Tensor, image_token_id: int, end_token_id: int | None,
+                  pad_token_id: int | None) -> torch.Tensor:
+    """``(B, L)``: the text of each row's first message that holds an image, up to its first image
+    (after the last `end_token_id`, ``<|im_end|>``, before it; pads left out). In the layout that
+    puts the question before the image (`agents.vlm.chat.ChatFormat.question_first`) that is the
+    question, with the constant ``<|im_start|>user`` and ``<|vision_start|>`` around it."""
+    before = (input_ids == image_token_id).long().cumsum(-1) == 0
+    mask = before
+    if end_token_id is not None:
+        ends = ((input_ids == end_token_id) & before).long()
+        mask = mask & (ends.flip(-1).cumsum(-1).flip(-1) == 0)
+    if pad_token_id is not None:
+        mask = mask & (input_ids != pad_token_id)
+    return mask
+
+
+COUNT_STEM_FILMED = (1, 2, 3)
+"""The convs of `TinyVLMCountStem` after which the question's scale and shift apply (0-based)."""
+
+
+class TinyVLMCountStem(nn.Module):
+    """The count head's own eyes: which parts of each image token hold what the question asks.
+
+    The warm start's stride-2 stem layout (three 3x3 convs, a patch-sized stride conv, a 3x3 conv
+    over the token grid; GroupNorm and GELU after each) with the question's scale and shift
+    (FiLM) after the 2nd, 3rd and 4th conv, then a 1x1 conv to one logit per part of each token
+    (``count_subcells**2``, row-major). The question is the sum of embeddings of its tokens
+    (`question_mask`), mapped to each FiLM by a linear map that starts at zero. Read while the
+    features are made, the question taught a stem of this size the asked things past the
+    answer-only bound where a query meeting the finished features at the end was slower
+    (docs/results.md, `agents.count_stem_probe`). Its inputs are the question's token ids and
+    the images alone, so it can be pretrained apart from the decoder.
+    """
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__()
+        c, hidden = config.stem_channels, config.hidden_size
+        shapes = [(3, c, 3, 2), (c, 2 * c, 3, 2), (2 * c, 4 * c, 3, 2),
+                  (4 * c, hidden, config.patch_size // 8, config.patch_size // 8), (hidden, hidden, 3, 1)]
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding=k // 2 if k == 3 else 0), nn.GroupNorm(8, cout),
+                          nn.GELU()) for cin, cout, k, stride in shapes)
+        self.words = nn.Embedding(config.vocab_size, config.pointer_dim)
+        self.film = nn.ModuleList(ZeroInitLinear(config.pointer_dim, 2 * shapes[i][1]) for i in COUNT_STEM_FILMED)
+        self.out = nn.Conv2d(hidden, config.count_subcells ** 2, 1)
+
+    def question(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` token ids and which are the question -> ``(B, pointer_dim)``: their embeddings summed."""
+        return (self.words(input_ids) * mask[..., None]).sum(1)
+
+    def forward(self, images: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, H, W)`` images and ``(n, pointer_dim)`` questions -> ``(n, parts, h, w)``
+        logits per part of each token."""
+        x = images
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i in COUNT_STEM_FILMED:
+                scale, shift = self.film[COUNT_STEM_FILMED.index(i)](question).chunk(2, dim=-1)
+                x = x * (1 + scale[..., None, None]) + shift[..., None, None]
+        return self.out(x)
+
+    def token_logits(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, patch_size: int,
+                     questions: torch.Tensor) -> torch.Tensor:
+        """Qwen-layout patches and ``(images, pointer_dim)`` each image's question ->
+        ``(total_patches, parts)``: the logits of each image token's parts, in order."""
+        pieces: list[torch.Tensor] = [pixel_values[:0]] * image_grid_thw.shape[0]
+        for indices, (t, _, _), images in images_by_grid(pixel_values, image_grid_thw, patch_size):
+            asked = questions[indices].repeat_interleave(t, dim=0)
+            logits = self(images, asked).flatten(2).transpose(1, 2)  # (n * t, tokens, parts)
+            for j, i in enumerate(indices):
+                pieces[i] = logits[j * t:(j + 1) * t].flatten(0, 1)
+        return torch.cat(pieces)
+
+
 class TinyVLMCountHead(nn.Module):
     """A count of what the question names, added to the logits of the digit tokens.
 
@@ -570,6 +646,10 @@ class TinyVLMCountHead(nn.Module):
     ``count_subcells`` s > 1 each token gives s*s keys, one per part of it (row-major), and the
     sum runs over the parts: two things whose centres share a token are both counted. Counts of
     two or more digits are not covered (each digit token gets the same term).
+
+    With ``count_stem`` a part's logit is ``c_t + b``, ``c_t`` from `TinyVLMCountStem` over the
+    image's pixels and the question's tokens, the same at every position: the key of a part is
+    then that one logit (so cached keys carry it through generation), and the head has no query.
     """
 
     def __init__(self, config: TinyVLMConfig) -> None:
@@ -577,22 +657,41 @@ class TinyVLMCountHead(nn.Module):
         if len(config.digit_token_ids) != 10:
             raise ValueError("count_head needs digit_token_ids: the ids of '0'..'9' (tiny_config sets them)")
         self.parts = config.count_subcells ** 2
-        self.query = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
-        self.key = nn.Linear(config.hidden_size, config.pointer_dim * self.parts, bias=False)
+        self.stem = TinyVLMCountStem(config) if config.count_stem else None
+        self.query = None if config.count_stem else nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
+        self.key = None if config.count_stem else nn.Linear(config.hidden_size, config.pointer_dim * self.parts,
+                                                            bias=False)
         self.bias = nn.Parameter(torch.zeros(()))
         self.gate = ZeroInitLinear(config.hidden_size, 1)
 
-    def keys(self, hidden: torch.Tensor, input_ids: torch.Tensor,
-             image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys(self, hidden: torch.Tensor, input_ids: torch.Tensor, config: TinyVLMConfig,
+             pixel_values: torch.Tensor | None = None,
+             image_grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, L, hidden)`` states -> ``(B, images, T * parts, dim)`` keys of each image's token
-        parts (token-major) and ``(B, images, T * parts)``: which the input holds (T: the most
-        tokens of one image)."""
-        slots, held = image_slots(self.key(hidden), input_ids == image_token_id)
+        parts (token-major; ``dim`` 1 with ``count_stem``, whose stem reads `pixel_values`) and
+        ``(B, images, T * parts)``: which the input holds (T: the most tokens of one image)."""
+        is_image = input_ids == config.image_token_id
+        if self.stem is None:
+            values = self.key(hidden)
+        else:
+            values = hidden.new_zeros(*input_ids.shape, self.parts)
+            if bool(is_image.any()):
+                if pixel_values is None or image_grid_thw is None:
+                    raise ValueError("count_stem needs the pixel_values and image_grid_thw of the images in input_ids")
+                ends = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+                questions = self.stem.question(input_ids, question_mask(input_ids, config.image_token_id, ends,
+                                                                        config.pad_token_id))
+                rows = image_starts(is_image).nonzero()[:, 0]  # each image's row, in input order
+                values[is_image] = self.stem.token_logits(pixel_values.to(hidden.dtype), image_grid_thw,
+                                                          config.patch_size, questions[rows]).to(hidden.dtype)
+        slots, held = image_slots(values, is_image)
         return slots.unflatten(-1, (self.parts, -1)).flatten(2, 3), held.repeat_interleave(self.parts, dim=-1)
 
     def scores(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``(B, L, hidden)`` states -> ``(B, L, images, T * parts)`` logits that each image token
         part holds what the position asks for."""
+        if self.query is None:
+            return (keys[..., 0] + self.bias)[:, None].expand(-1, hidden.shape[1], -1, -1)
         q = self.query(hidden)
         return torch.einsum("bld,bitd->blit", q, keys) / math.sqrt(q.shape[-1]) + self.bias
 
@@ -695,6 +794,9 @@ class TinyVLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.size_bias, -math.log(self.config.num_boxes))
         elif isinstance(module, TinyVLMFramePointer):
             init.constant_(module.length_bias, -math.log(self.config.num_frame_tokens))
+        elif isinstance(module, TinyVLMCountStem):
+            # the question's sum over about a dozen tokens starts near unit scale
+            init.normal_(module.words.weight, std=0.3)
         elif isinstance(module, TinyVLMCountHead):
             init.constant_(module.bias, COUNT_BIAS)
             init.constant_(module.gate.bias, COUNT_GATE)
@@ -960,7 +1062,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
             if count_keys is None:
                 if input_ids is None:
                     raise ValueError("the count head needs input_ids (or count_keys from a previous output)")
-                count_keys, count_held = self.count.keys(hidden, input_ids, self.config.image_token_id)
+                count_keys, count_held = self.count.keys(hidden, input_ids, self.config, pixel_values, image_grid_thw)
                 latest = image_starts(input_ids == self.config.image_token_id).long().cumsum(-1)
             elif count_held is None:
                 raise ValueError("count_keys need count_held (both come in the model's output)")
