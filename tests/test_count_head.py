@@ -299,8 +299,8 @@ def test_the_question_is_the_text_before_the_first_image_after_the_last_turn_end
     inputs = _inputs(processor)
     ids = inputs["input_ids"]
     padded = torch.cat([torch.full((1, 3), config.pad_token_id), ids], dim=1)  # left padding
-    for row in (ids, padded):
-        mask = question_mask(row, config.image_token_id, config.eos_token_id, config.pad_token_id)
+    for row, ends in ((ids, config.eos_token_id), (padded, config.eos_token_id), (ids, [config.eos_token_id])):
+        mask = question_mask(row, config.image_token_id, ends, config.pad_token_id)
         text = processor.tokenizer.decode(row[mask])
         assert text == "\n<|im_start|>user\nHow many red circles are there?<|vision_start|>"
     no_end = ids[:, int((ids[0] == config.eos_token_id).nonzero()[0]) + 1:]  # the system turn cached apart

@@ -558,14 +558,17 @@ COUNT_GATE = 0.1
 the count follows the answers, and the keys learn only through the gate."""
 
 
-def question_mask(input_ids: torch.Tensor, image_token_id: int, end_token_id: int | None,
+def question_mask(input_ids: torch.Tensor, image_token_id: int, end_token_id: int | list[int] | None,
                   pad_token_id: int | None) -> torch.Tensor:
     """``(B, L)``: the text of each row's first message that holds an image, up to its first image
-    (after the last `end_token_id`, ``<|im_end|>``, before it; pads left out). In the layout that
-    puts the question before the image (`agents.vlm.chat.ChatFormat.question_first`) that is the
-    question, with the constant ``<|im_start|>user`` and ``<|vision_start|>`` around it."""
+    (after the last `end_token_id` before it, ``<|im_end|>``, or the first of a list; pads left
+    out). In the layout that puts the question before the image
+    (`agents.vlm.chat.ChatFormat.question_first`) that is the question, with the constant
+    ``<|im_start|>user`` and ``<|vision_start|>`` around it."""
     before = (input_ids == image_token_id).long().cumsum(-1) == 0
     mask = before
+    if isinstance(end_token_id, list):
+        end_token_id = end_token_id[0] if end_token_id else None
     if end_token_id is not None:
         ends = ((input_ids == end_token_id) & before).long()
         mask = mask & (ends.flip(-1).cumsum(-1).flip(-1) == 0)
@@ -678,9 +681,8 @@ class TinyVLMCountHead(nn.Module):
             if bool(is_image.any()):
                 if pixel_values is None or image_grid_thw is None:
                     raise ValueError("count_stem needs the pixel_values and image_grid_thw of the images in input_ids")
-                ends = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-                questions = self.stem.question(input_ids, question_mask(input_ids, config.image_token_id, ends,
-                                                                        config.pad_token_id))
+                mask = question_mask(input_ids, config.image_token_id, config.eos_token_id, config.pad_token_id)
+                questions = self.stem.question(input_ids, mask)
                 rows = image_starts(is_image).nonzero()[:, 0]  # each image's row, in input order
                 values[is_image] = self.stem.token_logits(pixel_values.to(hidden.dtype), image_grid_thw,
                                                           config.patch_size, questions[rows]).to(hidden.dtype)
