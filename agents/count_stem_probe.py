@@ -96,16 +96,14 @@ def count_crops(seeds: Sequence[int], model: str | Path = DEFAULT_MODEL, side: i
     from agents.sft import box_vocab, counted_cells, trace_options
     from agents.traces import play_traces
     from agents.vlm.encoding import encode_segments
-    from agents.vlm.hf import TransformersPolicy
     from agents.vlm.tiny.modeling_tiny_vlm import question_mask
     from pxr_env.tasks.synthetic.common import COLOUR_NAMES, SHAPES
     from pxr_env.tasks.synthetic.count import QUESTION_KINDS, Count
 
     if side % TOKEN_PX:
         raise ValueError(f"side must be a multiple of {TOKEN_PX} (whole tokens), got {side}")
-    policy = TransformersPolicy.from_pretrained(str(model))
-    config = policy.model.config
-    options = trace_options(box_vocab(config), policy.chat_format, policy.env_kwargs)
+    config, processor, chat_format, env_kwargs = _checkpoint_parts(model)
+    options = trace_options(box_vocab(config), chat_format, env_kwargs)
     source, grid = _KeptMeta(Count(shortcut_share=0.0)), side // TOKEN_PX * PARTS
     rows: dict[str, list[Any]] = {k: [] for k in CountCrops.__dataclass_fields__}
     for start in tqdm(range(0, len(seeds), 500), desc="count crops", unit="500 items", disable=not progress):
@@ -116,7 +114,7 @@ def count_crops(seeds: Sequence[int], model: str | Path = DEFAULT_MODEL, side: i
             rows["images"].append(np.asarray(Image.fromarray(trace.images[-1]).resize((side, side), Image.BICUBIC)))
             colour = COLOUR_NAMES.index(meta["colour"]) if meta["colour"] else len(COLOUR_NAMES)
             rows["questions"].append((colour, SHAPES.index(meta["shape"]), QUESTION_KINDS.index(meta["kind"])))
-            input_ids = encode_segments(policy.processor, *trace.reading())["input_ids"][None]
+            input_ids = encode_segments(processor, *trace.reading())["input_ids"][None]
             mask = question_mask(input_ids, config.image_token_id, config.eos_token_id, config.pad_token_id)
             rows["question_ids"].append(input_ids[mask].numpy())
             rows["cells"].append(counted_cells(trace.info, grid, grid).numpy().astype(np.uint8))
@@ -128,6 +126,18 @@ def count_crops(seeds: Sequence[int], model: str | Path = DEFAULT_MODEL, side: i
     rows["question_ids"] = [np.pad(q, (0, longest - len(q)), constant_values=-1) for q in rows["question_ids"]]
     stacked = ("images", "cells", "question_ids")
     return CountCrops(**{k: np.stack(v) if k in stacked else np.asarray(v) for k, v in rows.items()})
+
+
+def _checkpoint_parts(model: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """A saved tiny model's config, processor, chat format and env settings (its weights left unread)."""
+    from transformers import AutoProcessor
+
+    from agents.vlm.chat import load_chat_format
+    from agents.vlm.env_settings import load_env_settings
+    from agents.vlm.tiny.configuration_tiny_vlm import TinyVLMConfig
+
+    return (TinyVLMConfig.from_pretrained(str(model)), AutoProcessor.from_pretrained(str(model)),
+            load_chat_format(model), load_env_settings(model))
 
 
 def stem_config(model: str | Path = DEFAULT_MODEL) -> Any:
@@ -228,25 +238,25 @@ def attach_stem(run: str | Path, model: str | Path, out: str | Path, gate: float
     from safetensors.torch import load_file
 
     from agents.sft import save_model
-    from agents.vlm.hf import TransformersPolicy, load_model
+    from agents.vlm.hf import load_model
     from agents.vlm.tiny import digit_token_ids
 
     weights = load_file(Path(run) / "model.safetensors")
     if "stem.words.weight" not in weights:
         raise ValueError(f"{run} holds no film probe (its weights have no stem.words): train one with --form film")
     config = stem_config(model)
-    policy = TransformersPolicy.from_pretrained(str(model))
-    if list(policy.processor.image_processor.image_mean) != [0.5] * 3 or \
-            list(policy.processor.image_processor.image_std) != [0.5] * 3:
+    _, processor, chat_format, env_kwargs = _checkpoint_parts(model)
+    scale = processor.image_processor
+    if list(scale.image_mean) != [0.5] * 3 or list(scale.image_std) != [0.5] * 3:
         raise ValueError("the probe's crops are scaled to [-1, 1]; this model's processor scales them otherwise")
     overrides = {k: getattr(config, k) for k in ("count_head", "count_subcells", "count_stem")}
-    vlm = load_model(str(model), config_overrides={**overrides,
-                                                   "digit_token_ids": digit_token_ids(policy.processor.tokenizer)})
+    overrides["digit_token_ids"] = digit_token_ids(processor.tokenizer)
+    vlm = load_model(str(model), config_overrides=overrides)
     vlm.count.stem.load_state_dict({k[len("stem."):]: v for k, v in weights.items() if k.startswith("stem.")})
     with torch.no_grad():
         vlm.count.bias.copy_(weights["bias"])
         vlm.count.gate.bias.fill_(gate)
-    return save_model(vlm, policy.processor, policy.chat_format, policy.env_kwargs, out)
+    return save_model(vlm, processor, chat_format, env_kwargs, out)
 
 
 def batch_tensors(crops: CountCrops, index: np.ndarray, rng: np.random.Generator | None = None,
@@ -386,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for metrics.jsonl and curve.png (with --attach: "
                                                      "the film run whose stem is attached)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="checkpoint whose chat format, settings and tokenizer the crops follow (default: %(default)s)")
+                        help="checkpoint whose chat format, settings and tokenizer the crops follow "
+                             "(default: %(default)s)")
     parser.add_argument("--attach", nargs=2, metavar=("MODEL", "DEST"),
                         help="instead of training: save MODEL with a count head holding --out's film stem to DEST")
     parser.add_argument("--gate", type=float, default=2.0, help="the attached head's gate (default: %(default)s)")
