@@ -9,7 +9,7 @@ oracle's crops of count items (resized to a square) and measured on held-out cro
 - ``keys``: the warm start's stem layout (`conv_stem`) and a bilinear score of a question query
   (embeddings of its colour, shape and kind) against four keys per token: the count head's
   first form, the question met only at the end;
-- ``film``: the VLM's `TinyVLMCountStem` (``count_stem``), the same stride-2 layout with the
+- ``film``: the VLM's `TinyVLMQuestionStem` (``count_stem``), the same stride-2 layout with the
   question's scale and shift (FiLM) after its 2nd, 3rd and 4th conv, the question read from its
   tokens as the VLM reads them: the question read while the features are made.
 
@@ -201,15 +201,15 @@ class KeysProbe(nn.Module):
 
 
 class FiLMProbe(nn.Module):
-    """The VLM's count stem (`TinyVLMCountStem`) of `config`'s sizes, and the head's bias."""
+    """The VLM's count stem (`TinyVLMQuestionStem`) of `config`'s sizes, and the head's bias."""
 
     reads = "question_ids"
 
     def __init__(self, config: Any) -> None:
-        from agents.vlm.tiny.modeling_tiny_vlm import TinyVLMCountStem
+        from agents.vlm.tiny.modeling_tiny_vlm import TinyVLMQuestionStem
 
         super().__init__()
-        self.stem = TinyVLMCountStem(config)
+        self.stem = TinyVLMQuestionStem(config, config.count_subcells ** 2)
         nn.init.normal_(self.stem.words.weight, std=0.3)  # as the VLM initialises them: FiLM starts off
         for film in self.stem.film:
             nn.init.zeros_(film.weight)

@@ -368,7 +368,7 @@ def test_pointer_stem_starts_at_zero_learns_with_a_frozen_encoder_and_round_trip
     assert model.pointer.stem_out.weight.any() and model.pointer.stem[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.model.vision.parameters())
     _assert_round_trips(model.eval(), batch, tmp_path)
-    with pytest.raises(ValueError, match="pointer stem or match term needs the pixel_values"):
+    with pytest.raises(ValueError, match="pointer.s stems or match term need the pixel_values"):
         model.image_one_keys(torch.zeros(1, 3, 64), torch.tensor([[model.config.image_token_id] * 3]),
                              torch.tensor([[1, 1, 3]]), None)
 

@@ -107,9 +107,14 @@ class TinyVLMConfig(PreTrainedConfig):
             token per thing caps the exact count at 0.68 of the items, two a side at 0.99;
             docs/results.md).
         count_stem: the count head's token logits come from a conv stem of its own over each
-            image's pixels, shaped by the question's tokens (`TinyVLMCountStem`; the question
+            image's pixels, shaped by the question's tokens (`TinyVLMQuestionStem`; the question
             is read from the text before the first image, so the ``question_first`` chat layout)
             instead of a query of the decoder state against keys of the image tokens' states.
+        pointer_box_stem: each box token's logit gets a term of a conv stem of the pointer's own
+            over image 1's pixels, shaped by the question's tokens (`TinyVLMQuestionStem`, one
+            logit per pointer cell and box size; the ``question_first`` chat layout), which can
+            be pretrained apart from the decoder to put its mass on the boxes whose crops hold
+            the evidence (`agents.box_stem`).
         digit_token_ids: ids of the tokens ``0`` .. ``9`` (set by `agents.vlm.tiny.tiny_config`).
         box_sizes: box sides (fractions of the image side) of the box vocabulary.
         pointer_dim: size of the pointer head's query and key vectors.
@@ -157,6 +162,7 @@ class TinyVLMConfig(PreTrainedConfig):
     count_head: bool = False
     count_subcells: int = 1
     count_stem: bool = False
+    pointer_box_stem: bool = False
     digit_token_ids: list[int] = field(default_factory=list)
     box_sizes: list[float] = field(default_factory=lambda: list(DEFAULT_BOX_SIZES))
     pointer_dim: int = 64
@@ -212,9 +218,10 @@ class TinyVLMConfig(PreTrainedConfig):
             raise ValueError(f"count_subcells must be at least 1, got {self.count_subcells}")
         if self.count_stem and not self.count_head:
             raise ValueError("count_stem is a part of the count head: set count_head too")
-        if self.count_stem and (self.stem_channels % 8 or self.hidden_size % 8):
-            raise ValueError(f"count_stem needs stem_channels and hidden_size divisible by 8 (its GroupNorm "
-                             f"groups), got {self.stem_channels}, {self.hidden_size}")
+        for name in ("count_stem", "pointer_box_stem"):
+            if getattr(self, name) and (self.stem_channels % 8 or self.hidden_size % 8):
+                raise ValueError(f"{name} needs stem_channels and hidden_size divisible by 8 (its GroupNorm "
+                                 f"groups), got {self.stem_channels}, {self.hidden_size}")
         if self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 (the stem halves it three times), got {self.patch_size}")
         if self.frame_windows:

@@ -36,7 +36,7 @@ per image patch, ``pixel_values`` holds every image's patches flattened in order
   ``d``, ``E`` the sum over that image's tokens of ``sigmoid(q(h) . k_t / sqrt(d) + b)``, the
   gate ``g`` starting small (`TinyVLMCountHead`). With ``count_stem`` the token logits come
   from a conv stem of the head's own over each image's pixels, shaped by the question's tokens
-  (`TinyVLMCountStem`), instead of ``q(h) . k_t``.
+  (`TinyVLMQuestionStem`), instead of ``q(h) . k_t``.
 
 The keys of image 1 are computed where its tokens are in the input and returned as
 ``pointer_keys`` / ``pointer_valid``; `generate` carries them to the decoding steps. A
@@ -72,7 +72,8 @@ from agents.vlm.tiny.frames import FrameWindows
 class TinyVLMCausalLMOutputWithPast(ModelOutput):
     """Logits over the whole vocabulary (box and frame tokens included), the cache and the pointers' keys.
 
-    `pointer_keys` is ``(batch, pointer_grid**2, pointer_dim)``; `pointer_valid` is
+    `pointer_keys` is ``(batch, pointer_grid**2, key_width)`` (``pointer_dim``, then a match
+    column and box-stem columns when the head has them); `pointer_valid` is
     ``(batch,)``, False for rows that have no image. With ``frame_windows``, `frame_keys` is
     ``(batch, max_frames, tokens, pointer_dim + 1)`` and `frame_valid` ``(batch, max_frames, tokens)``.
     With ``count_head``, `count_keys` is ``(batch, images, cells, pointer_dim)`` and `count_held`
@@ -369,6 +370,12 @@ class TinyVLMPointerHead(nn.Module):
     ``pointer_match_encoder`` the encoder term reads ``match_encoder``, an image encoder of the
     head's own, and the model's encoder (what the decoder reads) is left to reading.
     The term is kept as one more key column, so cached keys carry it through generation.
+
+    With ``pointer_box_stem`` each box (cell and size) also gets a logit of `box_stem`, a
+    `TinyVLMQuestionStem` over image 1's pixels and the question's tokens: one logit per part of
+    a token (a cell) and box size. It reads the question while its features are made, and its
+    inputs are the image and the question alone, so it can be pretrained apart from the decoder
+    (`agents.box_stem`). Its logits are the last ``len(box_sizes)`` key columns.
     """
 
     def __init__(self, config: TinyVLMConfig) -> None:
@@ -398,7 +405,10 @@ class TinyVLMPointerHead(nn.Module):
             self.match_tokens = nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
             self.match_token_question = ZeroInitLinear(config.hidden_size, config.pointer_dim, bias=False)
         self.match_encoder = TinyVLMVisionEncoder(config) if config.pointer_match_encoder else None
-        self.key_width = config.pointer_dim + (1 if config.pointer_match else 0)
+        self.box_stem = (TinyVLMQuestionStem(config, self.subcells ** 2 * self.num_sizes)
+                         if config.pointer_box_stem else None)
+        self.key_width = (config.pointer_dim + (1 if config.pointer_match else 0)
+                          + (self.num_sizes if config.pointer_box_stem else 0))
         self.num_boxes = config.pointer_grid ** 2 * self.num_sizes
 
     def cell_index(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,8 +436,14 @@ class TinyVLMPointerHead(nn.Module):
         pooled = F.adaptive_max_pool2d(self.match_pixels(images), self.grid)
         return self.match_cells(pooled).flatten(2).transpose(1, 2)
 
+    def box_stem_cells(self, logits: torch.Tensor, tokens: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+        """``(T, parts * sizes)`` `box_stem` logits of one image's tokens, and each cell's token and
+        part (`cell_index`) -> ``(cells, sizes)`` the cells' box logits."""
+        return logits.view(logits.shape[0], self.subcells ** 2, self.num_sizes)[tokens, parts]
+
     def keys(self, states: torch.Tensor, parts: torch.Tensor, asked: torch.Tensor,
-             match_cells: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+             match_cells: Mapping[str, torch.Tensor] | None = None,
+             box_cells: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, cells, hidden)`` image-token states, ``(B, cells)`` part numbers, ``(B, hidden)``
         states before image 1 and, with ``pointer_match``, ``(B, cells, dim)`` match features
         per source (``"pixels"``: `match_features`; ``"encoder"``: `match_tokens` of the
@@ -436,31 +452,40 @@ class TinyVLMPointerHead(nn.Module):
         With ``pointer_subcells`` s > 1 an image token gives s*s keys, one per part, so that
         the cells of a pointer grid finer than the token grid are told apart by content.
         With ``pointer_question`` the keys are gated by `asked` (the end of the question).
-        With ``pointer_match`` the last column is each cell's question-match term.
+        With ``pointer_match`` the next column is each cell's question-match term; with
+        ``pointer_box_stem`` the last ``sizes`` columns are `box_cells`, ``(B, cells, sizes)``.
         """
         keys = self.key(states).unflatten(-1, (self.subcells ** 2, -1))
         keys = keys.gather(2, parts[..., None, None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
         if self.question is not None:
             keys = keys * (1 + self.question(asked))[:, None, :]
-        if not self.match_sources:
-            return keys
-        missing = [source for source in self.match_sources if source not in (match_cells or {})]
-        if missing:
-            raise ValueError(f"pointer_match needs the {missing} match features of image 1's cells")
-        maps = {"pixels": self.match_question, "encoder": self.match_token_question}
-        match = sum(torch.einsum("bd,bcd->bc", maps[source](asked), match_cells[source])
-                    for source in self.match_sources) / math.sqrt(self.query.out_features)
-        return torch.cat([keys, match[..., None]], dim=-1)
+        columns = [keys]
+        if self.match_sources:
+            missing = [source for source in self.match_sources if source not in (match_cells or {})]
+            if missing:
+                raise ValueError(f"pointer_match needs the {missing} match features of image 1's cells")
+            maps = {"pixels": self.match_question, "encoder": self.match_token_question}
+            match = sum(torch.einsum("bd,bcd->bc", maps[source](asked), match_cells[source])
+                        for source in self.match_sources) / math.sqrt(self.query.out_features)
+            columns.append(match[..., None])
+        if self.box_stem is not None:
+            if box_cells is None:
+                raise ValueError("pointer_box_stem needs the box stem's logits of image 1's cells")
+            columns.append(box_cells.to(keys.dtype))
+        return torch.cat(columns, dim=-1) if len(columns) > 1 else keys
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``(B, L, hidden)`` states and ``(B, cells, key_width)`` keys -> ``(B, L, cells * sizes)`` logits."""
         q = self.query(hidden)
-        cells = torch.einsum("bld,bcd->blc", q, keys[..., :q.shape[-1]]) / math.sqrt(q.shape[-1])
+        d = q.shape[-1]
+        cells = torch.einsum("bld,bcd->blc", q, keys[..., :d]) / math.sqrt(d)
         if self.match_sources:
-            cells = cells + keys[:, None, :, -1]
+            cells = cells + keys[:, None, :, d]
         sizes = self.size(hidden) + self.size_bias
-        logits = (cells[..., :, None] + sizes[..., None, :]).flatten(-2)
-        return logits.masked_fill(~valid[:, None, None], torch.finfo(logits.dtype).min)
+        logits = cells[..., :, None] + sizes[..., None, :]
+        if self.box_stem is not None:
+            logits = logits + keys[:, None, :, -self.num_sizes:]
+        return logits.flatten(-2).masked_fill(~valid[:, None, None], torch.finfo(logits.dtype).min)
 
 
 FRAME_MATCH_CHANNELS = 8
@@ -577,17 +602,21 @@ def question_mask(input_ids: torch.Tensor, image_token_id: int, end_token_id: in
     return mask
 
 
-COUNT_STEM_FILMED = (1, 2, 3)
-"""The convs of `TinyVLMCountStem` after which the question's scale and shift apply (0-based)."""
+QUESTION_STEM_FILMED = (1, 2, 3)
+"""The convs of `TinyVLMQuestionStem` after which the question's scale and shift apply (0-based)."""
 
 
-class TinyVLMCountStem(nn.Module):
-    """The count head's own eyes: which parts of each image token hold what the question asks.
+class TinyVLMQuestionStem(nn.Module):
+    """Eyes of a head of its own: per part of each image token, logits of what the question asks.
+
+    The count head's (``count_stem``: one logit per part, whether it holds an asked thing) and
+    the box pointer's (``pointer_box_stem``: one logit per part and box size, how well a box of
+    that size centred there holds the evidence) are both of this form.
 
     The warm start's stride-2 stem layout (three 3x3 convs, a patch-sized stride conv, a 3x3 conv
     over the token grid; GroupNorm and GELU after each) with the question's scale and shift
-    (FiLM) after the 2nd, 3rd and 4th conv, then a 1x1 conv to one logit per part of each token
-    (``count_subcells**2``, row-major). The question is the sum of embeddings of its tokens
+    (FiLM) after the 2nd, 3rd and 4th conv, then a 1x1 conv to `outputs` logits per token (the
+    count head's: one per part, ``count_subcells**2`` row-major). The question is the sum of embeddings of its tokens
     (`question_mask`), mapped to each FiLM by a linear map that starts at zero. Read while the
     features are made, the question taught a stem of this size the asked things past the
     answer-only bound where a query meeting the finished features at the end was slower
@@ -595,7 +624,7 @@ class TinyVLMCountStem(nn.Module):
     the images alone, so it can be pretrained apart from the decoder.
     """
 
-    def __init__(self, config: TinyVLMConfig) -> None:
+    def __init__(self, config: TinyVLMConfig, outputs: int) -> None:
         super().__init__()
         c, hidden = config.stem_channels, config.hidden_size
         shapes = [(3, c, 3, 2), (c, 2 * c, 3, 2), (2 * c, 4 * c, 3, 2),
@@ -604,28 +633,28 @@ class TinyVLMCountStem(nn.Module):
             nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding=k // 2 if k == 3 else 0), nn.GroupNorm(8, cout),
                           nn.GELU()) for cin, cout, k, stride in shapes)
         self.words = nn.Embedding(config.vocab_size, config.pointer_dim)
-        self.film = nn.ModuleList(ZeroInitLinear(config.pointer_dim, 2 * shapes[i][1]) for i in COUNT_STEM_FILMED)
-        self.out = nn.Conv2d(hidden, config.count_subcells ** 2, 1)
+        self.film = nn.ModuleList(ZeroInitLinear(config.pointer_dim, 2 * shapes[i][1]) for i in QUESTION_STEM_FILMED)
+        self.out = nn.Conv2d(hidden, outputs, 1)
 
     def question(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, L)`` token ids and which are the question -> ``(B, pointer_dim)``: their embeddings summed."""
         return (self.words(input_ids) * mask[..., None]).sum(1)
 
     def forward(self, images: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        """``(n, 3, H, W)`` images and ``(n, pointer_dim)`` questions -> ``(n, parts, h, w)``
-        logits per part of each token."""
+        """``(n, 3, H, W)`` images and ``(n, pointer_dim)`` questions -> ``(n, outputs, h, w)``
+        logits per token."""
         x = images
         for i, conv in enumerate(self.convs):
             x = conv(x)
-            if i in COUNT_STEM_FILMED:
-                scale, shift = self.film[COUNT_STEM_FILMED.index(i)](question).chunk(2, dim=-1)
+            if i in QUESTION_STEM_FILMED:
+                scale, shift = self.film[QUESTION_STEM_FILMED.index(i)](question).chunk(2, dim=-1)
                 x = x * (1 + scale[..., None, None]) + shift[..., None, None]
         return self.out(x)
 
     def token_logits(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, patch_size: int,
                      questions: torch.Tensor) -> torch.Tensor:
         """Qwen-layout patches and ``(images, pointer_dim)`` each image's question ->
-        ``(total_patches, parts)``: the logits of each image token's parts, in order."""
+        ``(total_patches, outputs)``: the logits of each image token, in order."""
         pieces: list[torch.Tensor] = [pixel_values[:0]] * image_grid_thw.shape[0]
         for indices, (t, _, _), images in images_by_grid(pixel_values, image_grid_thw, patch_size):
             asked = questions[indices].repeat_interleave(t, dim=0)
@@ -650,7 +679,7 @@ class TinyVLMCountHead(nn.Module):
     sum runs over the parts: two things whose centres share a token are both counted. Counts of
     two or more digits are not covered (each digit token gets the same term).
 
-    With ``count_stem`` a part's logit is ``c_t + b``, ``c_t`` from `TinyVLMCountStem` over the
+    With ``count_stem`` a part's logit is ``c_t + b``, ``c_t`` from `TinyVLMQuestionStem` over the
     image's pixels and the question's tokens, the same at every position: the key of a part is
     then that one logit (so cached keys carry it through generation), and the head has no query.
     """
@@ -660,7 +689,7 @@ class TinyVLMCountHead(nn.Module):
         if len(config.digit_token_ids) != 10:
             raise ValueError("count_head needs digit_token_ids: the ids of '0'..'9' (tiny_config sets them)")
         self.parts = config.count_subcells ** 2
-        self.stem = TinyVLMCountStem(config) if config.count_stem else None
+        self.stem = TinyVLMQuestionStem(config, self.parts) if config.count_stem else None
         self.query = None if config.count_stem else nn.Linear(config.hidden_size, config.pointer_dim, bias=False)
         self.key = None if config.count_stem else nn.Linear(config.hidden_size, config.pointer_dim * self.parts,
                                                             bias=False)
@@ -794,9 +823,12 @@ class TinyVLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, TinyVLMPointerHead):
             # Start with as much mass on all box tokens together as on one ordinary token.
             init.constant_(module.size_bias, -math.log(self.config.num_boxes))
+            if module.box_stem is not None:  # a new box stem starts adding nothing
+                init.zeros_(module.box_stem.out.weight)
+                init.zeros_(module.box_stem.out.bias)
         elif isinstance(module, TinyVLMFramePointer):
             init.constant_(module.length_bias, -math.log(self.config.num_frame_tokens))
-        elif isinstance(module, TinyVLMCountStem):
+        elif isinstance(module, TinyVLMQuestionStem):
             # the question's sum over about a dozen tokens starts near unit scale
             init.normal_(module.words.weight, std=0.3)
         elif isinstance(module, TinyVLMCountHead):
@@ -968,17 +1000,27 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
         match = {source: hidden.new_zeros(batch, self.config.pointer_grid ** 2, self.config.pointer_dim)
                  for source in sources}
         parts = torch.zeros(batch, self.config.pointer_grid ** 2, dtype=torch.long, device=hidden.device)
+        box_stem = self.pointer.box_stem
+        box = None if box_stem is None else hidden.new_zeros(batch, self.config.pointer_grid ** 2, self.pointer.num_sizes)
         starts = image_starts(input_ids == self.config.image_token_id)
         per_row = starts.sum(-1)
         valid = per_row > 0
         if image_grid_thw is not None and bool(valid.any()):
             first_image = (per_row.cumsum(0) - per_row).tolist()
             rows = torch.nonzero(valid).flatten().tolist()
-            stem, cells = None, {}
-            if self.pointer.stem is not None or sources:
+            stem, cells, box_logits = None, {}, []
+            if self.pointer.stem is not None or sources or box_stem is not None:
                 if pixel_values is None:
-                    raise ValueError("the pointer stem or match term needs the pixel_values of the images in input_ids")
+                    raise ValueError("the pointer's stems or match term need the pixel_values of the images in input_ids")
                 pixels, firsts = pixel_values.to(hidden.dtype), [first_image[b] for b in rows]
+                if box_stem is not None:
+                    c = self.config
+                    questions = box_stem.question(input_ids, question_mask(input_ids, c.image_token_id,
+                                                                           c.eos_token_id, c.pad_token_id))
+                    pieces = pixels.split([int(t * h * w) for t, h, w in image_grid_thw.tolist()])
+                    grids = image_grid_thw[firsts]
+                    box_logits = box_stem.token_logits(torch.cat([pieces[i] for i in firsts]), grids, c.patch_size,
+                                                       questions[rows]).split(grids.prod(-1).tolist())
                 if self.pointer.stem is not None:
                     stem = run_per_image(pixels, image_grid_thw, firsts, self.config.patch_size,
                                          self.pointer.stem_features)
@@ -992,6 +1034,8 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                 start = int(starts[b].nonzero()[0])
                 tokens, parts[b] = self.pointer.cell_index(grid_h, grid_w, hidden.device)
                 keys[b] = hidden[b, start + tokens] + (stem[j][tokens] if stem is not None else 0)
+                if box is not None:
+                    box[b] = self.pointer.box_stem_cells(box_logits[j], tokens, parts[b])
                 asked[b] = hidden[b, max(start - 2, 0)]  # before <|vision_start|>: the end of the question
                 if "pixels" in cells:
                     match["pixels"][b] = cells["pixels"][j]
@@ -999,7 +1043,7 @@ class TinyVLMForConditionalGeneration(TinyVLMPreTrainedModel, GenerationMixin):
                     match["encoder"][b] = self.pointer.match_tokens(cells["encoder"][j][tokens])
         else:
             valid = torch.zeros_like(valid)
-        return self.pointer.keys(keys, parts, asked, match), valid
+        return self.pointer.keys(keys, parts, asked, match, box), valid
 
     def slot_box_logits(self, hidden: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
                         slot: torch.Tensor) -> torch.Tensor:
