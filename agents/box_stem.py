@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,9 +26,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from agents.logger import read_metrics
+from agents.stem_training import NpzArrays, timed_training
 
 DEFAULT_MODEL = "checkpoints/tiny-warmstart"
 """The checkpoint whose chat format, env settings, tokenizer and box vocabulary the views follow."""
@@ -37,7 +39,7 @@ DEFAULT_TASKS: dict[str, dict[str, Any]] = {"count": {}}
 
 
 @dataclass(frozen=True)
-class BoxViews:
+class BoxViews(NpzArrays):
     """Initial views of image items, their questions and which box tokens' crops hold the evidence."""
 
     images: np.ndarray
@@ -49,13 +51,6 @@ class BoxViews:
     tiers: np.ndarray
     """``(n,)`` each item's family and tier (``"count/hard"``; the family alone when it has none)."""
 
-    def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, **{k: getattr(self, k) for k in self.__dataclass_fields__})
-
-    @classmethod
-    def load(cls, path: str | Path) -> "BoxViews":
-        with np.load(path) as data:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 def box_views(tasks: dict[str, dict[str, Any]], seeds: Sequence[int], model: str | Path = DEFAULT_MODEL,
@@ -65,13 +60,13 @@ def box_views(tasks: dict[str, dict[str, Any]], seeds: Sequence[int], model: str
     square whose 8-px parts are the pointer's cells (224 px for a 28-cell grid of 16-px tokens with
     2 x 2 parts; most views already are); items whose evidence no box token's crop holds are left out."""
     from agents.box_mass import hitting_boxes
-    from agents.count_stem_probe import _checkpoint_parts
+    from agents.count_stem_probe import checkpoint_parts
     from agents.sft import box_vocab, task_source
     from agents.vlm.encoding import encode_segments
     from agents.vlm.tiny.modeling_tiny_vlm import images_by_grid, question_mask
     from pxr_env.env import PixelQAEnv
 
-    config, processor, chat_format, env_kwargs = _checkpoint_parts(model)
+    config, processor, chat_format, env_kwargs = checkpoint_parts(model)
     vocab = box_vocab(config)
     if vocab is None:
         raise ValueError(f"{model} writes its boxes as numbers: the box stem needs a model with box tokens")
@@ -79,6 +74,9 @@ def box_views(tasks: dict[str, dict[str, Any]], seeds: Sequence[int], model: str
         raise ValueError(f"pointer_grid {config.pointer_grid} is not a whole number of tokens of "
                          f"{config.pointer_subcells} x {config.pointer_subcells} parts")
     side = config.pointer_grid // config.pointer_subcells * config.patch_size
+    scale = processor.image_processor
+    if list(scale.image_mean) != [0.5] * 3 or list(scale.image_std) != [0.5] * 3:
+        raise ValueError("the views are stored from [-1, 1]; this model's processor scales them otherwise")
     source = task_source(tasks)
     env = PixelQAEnv(tasks=source, action_mode="text", **env_kwargs)
     rows: dict[str, list[Any]] = {k: [] for k in BoxViews.__dataclass_fields__}
@@ -98,9 +96,6 @@ def box_views(tasks: dict[str, dict[str, Any]], seeds: Sequence[int], model: str
             item = encode_segments(processor, [(prompt, False)], [np.asarray(image) for image in conversation.images])
             (_, _, pixels), = images_by_grid(item["pixel_values"][:int(item["image_grid_thw"][0].prod())],
                                              item["image_grid_thw"][:1], config.patch_size)
-            scale = processor.image_processor
-            if list(scale.image_mean) != [0.5] * 3 or list(scale.image_std) != [0.5] * 3:
-                raise ValueError("the views are stored from [-1, 1]; this model's processor scales them otherwise")
             view = ((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
             if view.shape[:2] != (side, side):  # a view of another token grid: its parts are not the cells
                 view = np.asarray(Image.fromarray(view).resize((side, side), Image.BICUBIC))
@@ -216,46 +211,23 @@ def train_box_stem(train: BoxViews, test: BoxViews, out: str | Path, minutes: fl
                    steps: int = 1_000_000, batch_size: int = 32, lr: float = 2e-3, size_steps: int = 1,
                    eval_minutes: float = 5.0, seed: int = 0, model: str | Path = DEFAULT_MODEL,
                    init: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Train a box stem (`BoxStemProbe` of `model`'s sizes; from run `init`'s weights if given) until `minutes` or `steps`; measure on
-    `test` every `eval_minutes` and at the end, each record appended to ``out/metrics.jsonl``;
-    the weights end in ``out/model.safetensors``. Returns the records."""
+    """Train a box stem (`BoxStemProbe` of `model`'s sizes, from run `init`'s weights if given)
+    until `minutes` or `steps`; measure on `test` every `eval_minutes` and at the end, each record
+    appended to ``out/metrics.jsonl``; the weights end in ``out/model.safetensors``. Returns the records."""
     out = Path(out)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    config = stem_config(model)
-    probe = BoxStemProbe(config)
+    probe = BoxStemProbe(stem_config(model))
     if init is not None:
-        from safetensors.torch import load_file
-
         probe.load_state_dict(load_file(Path(init) / "model.safetensors"))
-    out.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.01)
-    records: list[dict[str, Any]] = []
-    start, next_eval, step = time.monotonic(), 0.0, 0
-    bar = tqdm(total=steps, desc="box stem", unit="step", disable=not progress)
-    with open(out / "metrics.jsonl", "w") as log:
-        def record(loss: float | None) -> None:
-            row = {"step": step, "minutes": (time.monotonic() - start) / 60, "loss": loss, **measure(probe, test)}
-            records.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix(hit=f"{row['hit']:.3f}")
 
-        loss: float | None = None  # none before the first step
-        while step < steps and time.monotonic() - start < minutes * 60:
-            if time.monotonic() - start >= next_eval * 60:
-                record(loss)
-                next_eval += eval_minutes
-            index = rng.integers(0, len(train.hits), batch_size)
-            images, questions, hits = batch_tensors(train, index, probe.grid, probe.sizes, rng)
-            value = hit_loss(probe(images, questions), allowed_boxes(hits, probe.sizes, size_steps))
-            optimizer.zero_grad()
-            value.backward()
-            optimizer.step()
-            loss, step = value.item(), step + 1
-            bar.update()
-        record(loss)
-    bar.close()
+    def loss() -> torch.Tensor:
+        index = rng.integers(0, len(train.hits), batch_size)
+        images, questions, hits = batch_tensors(train, index, probe.grid, probe.sizes, rng)
+        return hit_loss(probe(images, questions), allowed_boxes(hits, probe.sizes, size_steps))
+
+    records = timed_training(probe, loss, lambda: measure(probe, test), out, lr, minutes, steps, eval_minutes,
+                             "box stem", "hit", progress)
     save_file(probe.state_dict(), out / "model.safetensors")
     return records
 
@@ -263,16 +235,14 @@ def train_box_stem(train: BoxViews, test: BoxViews, out: str | Path, minutes: fl
 def attach_box_stem(run: str | Path, model: str | Path, out: str | Path) -> Path:
     """`model` with a pointer box stem that is a trained probe's (``run/model.safetensors``), saved to
     `out` with the processor, chat format and env settings."""
-    from safetensors.torch import load_file
-
-    from agents.count_stem_probe import _checkpoint_parts
+    from agents.count_stem_probe import checkpoint_parts
     from agents.sft import save_model
     from agents.vlm.hf import load_model
 
     weights = load_file(Path(run) / "model.safetensors")
     if "stem.out.weight" not in weights:
         raise ValueError(f"{run} holds no box stem (its weights have no stem.out)")
-    _, processor, chat_format, env_kwargs = _checkpoint_parts(model)
+    _, processor, chat_format, env_kwargs = checkpoint_parts(model)
     vlm = load_model(str(model), config_overrides={"pointer_box_stem": True})
     vlm.pointer.box_stem.load_state_dict({k[len("stem."):]: v for k, v in weights.items()})
     return save_model(vlm, processor, chat_format, env_kwargs, out)
@@ -298,11 +268,6 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    with open(Path(run) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _views(path: str | None, tasks: dict[str, dict[str, Any]], seeds: range, model: str,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +35,9 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from agents.logger import read_metrics
+from agents.stem_training import NpzArrays, timed_training
+
 TOKEN_PX = 16
 """Pixels of a token side in the warm start (`TinyVLMConfig.patch_size`)."""
 PARTS = 2
@@ -45,7 +47,7 @@ DEFAULT_MODEL = "checkpoints/tiny-warmstart"
 
 
 @dataclass(frozen=True)
-class CountCrops:
+class CountCrops(NpzArrays):
     """Oracle crops of count items with what their questions ask and the counted cells."""
 
     images: np.ndarray
@@ -61,13 +63,6 @@ class CountCrops:
     hard: np.ndarray
     """``(n,)`` whether the item is of the hard tier (the rest are easy: no shortcut items)."""
 
-    def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, **{k: getattr(self, k) for k in self.__dataclass_fields__})
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CountCrops":
-        with np.load(path) as data:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 class _KeptMeta:
@@ -102,7 +97,7 @@ def count_crops(seeds: Sequence[int], model: str | Path = DEFAULT_MODEL, side: i
 
     if side % TOKEN_PX:
         raise ValueError(f"side must be a multiple of {TOKEN_PX} (whole tokens), got {side}")
-    config, processor, chat_format, env_kwargs = _checkpoint_parts(model)
+    config, processor, chat_format, env_kwargs = checkpoint_parts(model)
     options = trace_options(box_vocab(config), chat_format, env_kwargs)
     source, grid = _KeptMeta(Count(shortcut_share=0.0)), side // TOKEN_PX * PARTS
     rows: dict[str, list[Any]] = {k: [] for k in CountCrops.__dataclass_fields__}
@@ -128,7 +123,7 @@ def count_crops(seeds: Sequence[int], model: str | Path = DEFAULT_MODEL, side: i
     return CountCrops(**{k: np.stack(v) if k in stacked else np.asarray(v) for k, v in rows.items()})
 
 
-def _checkpoint_parts(model: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+def checkpoint_parts(model: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     """A saved tiny model's config, processor, chat format and env settings (its weights left unread)."""
     from transformers import AutoProcessor
 
@@ -245,7 +240,7 @@ def attach_stem(run: str | Path, model: str | Path, out: str | Path, gate: float
     if "stem.words.weight" not in weights:
         raise ValueError(f"{run} holds no film probe (its weights have no stem.words): train one with --form film")
     config = stem_config(model)
-    _, processor, chat_format, env_kwargs = _checkpoint_parts(model)
+    _, processor, chat_format, env_kwargs = checkpoint_parts(model)
     scale = processor.image_processor
     if list(scale.image_mean) != [0.5] * 3 or list(scale.image_std) != [0.5] * 3:
         raise ValueError("the probe's crops are scaled to [-1, 1]; this model's processor scales them otherwise")
@@ -319,34 +314,14 @@ def train_probe(form: str, train: CountCrops, test: CountCrops, out: str | Path,
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     probe = build_probe(form, model)
-    out.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.01)
-    records: list[dict[str, Any]] = []
-    start, next_eval, step = time.monotonic(), 0.0, 0
-    bar = tqdm(total=steps, desc=f"count stem probe ({form})", unit="step", disable=not progress)
-    with open(out / "metrics.jsonl", "w") as log:
-        def record(loss: float | None) -> None:
-            row = {"step": step, "minutes": (time.monotonic() - start) / 60, "loss": loss, **measure(probe, test)}
-            records.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix(exact=f"{row['exact']:.3f}")
 
-        loss: float | None = None  # none before the first step
-        while step < steps and time.monotonic() - start < minutes * 60:
-            if time.monotonic() - start >= next_eval * 60:
-                record(loss)
-                next_eval += eval_minutes
-            index = rng.integers(0, len(train.counts), batch_size)
-            images, questions, cells, counts = batch_tensors(train, index, rng, probe.reads)
-            value = probe_loss(probe(images, questions), cells, counts, count_weight)
-            optimizer.zero_grad()
-            value.backward()
-            optimizer.step()
-            loss, step = value.item(), step + 1
-            bar.update()
-        record(loss)
-    bar.close()
+    def loss() -> torch.Tensor:
+        index = rng.integers(0, len(train.counts), batch_size)
+        images, questions, cells, counts = batch_tensors(train, index, rng, probe.reads)
+        return probe_loss(probe(images, questions), cells, counts, count_weight)
+
+    records = timed_training(probe, loss, lambda: measure(probe, test), out, lr, minutes, steps, eval_minutes,
+                             f"count stem probe ({form})", "exact", progress)
     save_file(probe.state_dict(), out / "model.safetensors")
     return records
 
@@ -373,11 +348,6 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    with open(Path(run) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _crops(path: str | None, seeds: range, model: str, progress: bool) -> CountCrops:

@@ -102,14 +102,14 @@ def test_allowed_boxes_and_the_hit_loss_by_hand():
 
 
 def test_views_show_the_question_and_their_hits_are_the_envs_crop_hits(views):
-    from agents.count_stem_probe import _checkpoint_parts
+    from agents.count_stem_probe import checkpoint_parts
     from agents.sft import task_source
     from pxr_env.env import PixelQAEnv
 
     n = len(views.hits)
     assert n >= 8 and views.images.shape == (n, 224, 224, 3) and views.hits.shape == (n, 28 * 28 * 4)
     assert all(t.startswith("count/") for t in views.tiers)
-    _, processor, _, env_kwargs = _checkpoint_parts(DEFAULT_MODEL)
+    _, processor, _, env_kwargs = checkpoint_parts(DEFAULT_MODEL)
     for ids in views.question_ids[:4]:
         text = processor.tokenizer.decode(ids[ids >= 0])
         assert text.startswith("\n<|im_start|>user\nHow many ") and text.endswith("?<|vision_start|>")
