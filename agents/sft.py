@@ -616,7 +616,8 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
     ``answered``, ``acc_with_ops`` / ``acc_without_ops`` (accuracy of the episodes that did /
     did not run an operation), ``acc_when_hit`` (accuracy of the episodes whose last crop held
     the evidence), ``frames_hit`` (the share of the episodes that selected video frames whose
-    last selection holds an evidence frame), each also as ``<family>/<key>``. With `oracle_ops`, also
+    last selection holds an evidence frame), each also as ``<family>/<key>``; per tier of a
+    family (`_tier_metrics`) ``<family>/<tier>/accuracy``, ``/mean_ops``, ``/episodes``. With `oracle_ops`, also
     ``acc_oracle_ops``: the accuracy of answers given after the oracle's single operation
     and its output (an ``image/single`` or ``video/single`` trace with the model's box
     writing, `oracle_op_scores`) on the same samples where one can be played: reading apart
@@ -656,6 +657,7 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
         selected = [i for i in rows if i.get("frames_hit") is not None]
         metrics["frames_hit"] = sum(bool(i["frames_hit"]) for i in selected) / len(selected) if selected else None
         out.update({f"{name}{k}": v for k, v in metrics.items() if v is not None})
+    out.update(_tier_metrics(infos, source))
     if oracle_ops:
         boxes = box_vocab(model.config)
         traces = play_traces(source, sample_ids, options=trace_options(boxes, chat_format, env_kwargs))
@@ -670,6 +672,22 @@ def evaluate(model: Any, processor: Any, chat_format: ChatFormat, tasks: TaskSpe
             masses = first_box_hit_mass(model, processor, images, source, boxes, padding, batch_size)
             out.update(_family_means("box_hit_mass", images, [m["hit_mass"] for m in masses]))
             out.update(_family_means("box_top_mass", images, [m["top_mass"] for m in masses]))
+    return out
+
+
+def _tier_metrics(infos: Sequence[Mapping[str, Any]], source: TaskSource) -> dict[str, float]:
+    """``<family>/<tier>/accuracy``, ``/mean_ops`` and ``/episodes`` for the episodes whose sample
+    has a tier (a synthetic family's ``meta["tier"]``, e.g. count's shortcut / easy / hard)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for info in infos:
+        tier = source.get(info["sample_id"]).meta.get("tier") if "sample_id" in info else None
+        if tier is not None:
+            groups.setdefault(f"{info['family']}/{tier}", []).append(info)
+    out: dict[str, float] = {}
+    for name, rows in sorted(groups.items()):
+        out[f"{name}/accuracy"] = float(np.mean([float(i["score"]) for i in rows]))
+        out[f"{name}/mean_ops"] = float(np.mean([int(i["n_visual_ops"]) for i in rows]))
+        out[f"{name}/episodes"] = float(len(rows))
     return out
 
 

@@ -237,6 +237,29 @@ def test_evaluate_separates_reading_from_pointing(monkeypatch) -> None:
     assert metrics["zoom-read/acc_when_hit"] == 0.5 and "zoom-read/frames_hit" not in metrics
     assert metrics["video/frames_hit"] == pytest.approx(1 / 3)  # of the episodes that selected frames
     assert metrics["zoom-read/acc_with_ops"] == pytest.approx(2 / 3) and metrics["zoom-read/acc_without_ops"] == 1.0
+    assert not any(k.count("/") == 2 for k in metrics)  # episodes without a sample id have no tier
+
+
+def test_evaluate_reports_each_tier(monkeypatch) -> None:
+    """Per tier of a family: the accuracy, the operations and the number of its episodes."""
+    from types import SimpleNamespace
+
+    import agents.sft as sft
+
+    source = sft.task_source({"count": {}})
+    ids = [source.sample_id(seed) for seed in range(12)]
+    tiers = [source.get(i).meta["tier"] for i in ids]
+    infos = [{"family": "count", "sample_id": i, "score": float(k % 2), "n_visual_ops": k % 3, "n_tool_calls": k % 3,
+              "n_op_errors": 0, "answer": "3", "crop_iou": None, "crop_hit": None} for k, i in enumerate(ids)]
+    monkeypatch.setattr(sft, "collect", lambda *a, **k: [SimpleNamespace(info=i) for i in infos])
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=0, hidden_size=64, intermediate_size=128, vision_num_layers=1)
+    metrics = sft.evaluate(model, processor, ChatFormat(), {"count": {}}, ids, oracle_ops=False)
+    for tier in set(tiers):
+        mine = [k for k, t in enumerate(tiers) if t == tier]
+        assert metrics[f"count/{tier}/episodes"] == len(mine)
+        assert metrics[f"count/{tier}/accuracy"] == pytest.approx(np.mean([k % 2 for k in mine]))
+        assert metrics[f"count/{tier}/mean_ops"] == pytest.approx(np.mean([k % 3 for k in mine]))
 
 
 def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:
