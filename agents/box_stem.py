@@ -270,17 +270,6 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> No
     plt.close(fig)
 
 
-def _views(path: str | None, tasks: dict[str, dict[str, Any]], seeds: range, model: str,
-           progress: bool) -> BoxViews:
-    """Views of `seeds`, read from `path` when it exists, else made (and saved there if given)."""
-    if path and Path(path).exists():
-        return BoxViews.load(path)
-    views = box_views(tasks, list(seeds), model, progress=progress)
-    if path:
-        views.save(path)
-    return views
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="run folder (with --attach: the run whose stem is attached)")
@@ -316,9 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     progress, tasks = not args.no_progress, json.loads(args.tasks)
     first = args.first_seed
-    train = _views(args.train_views, tasks, range(first, first + args.train_items), args.model, progress)
-    test = _views(args.test_views, tasks, range(first + 1_000_000, first + 1_000_000 + args.test_items),
-                  args.model, progress)
+    train = BoxViews.cached(args.train_views, lambda: box_views(
+        tasks, list(range(first, first + args.train_items)), args.model, progress))
+    test = BoxViews.cached(args.test_views, lambda: box_views(
+        tasks, list(range(first + 1_000_000, first + 1_000_000 + args.test_items)), args.model, progress))
     records = train_box_stem(train, test, args.out, minutes=args.minutes, steps=args.steps, lr=args.lr,
                              batch_size=args.batch_size, size_steps=args.size_steps, seed=args.seed,
                              model=args.model, init=args.init, progress=progress)

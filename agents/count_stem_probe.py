@@ -350,16 +350,6 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> No
     plt.close(fig)
 
 
-def _crops(path: str | None, seeds: range, model: str, progress: bool) -> CountCrops:
-    """Crops of `seeds`, read from `path` when it exists, else made (and saved there if given)."""
-    if path and Path(path).exists():
-        return CountCrops.load(path)
-    crops = count_crops(list(seeds), model, progress=progress)
-    if path:
-        crops.save(path)
-    return crops
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--form", choices=sorted(FORMS), default="film")
@@ -393,8 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
     # Seeds apart from the SFT's items (from 0) and its held-out ones (agents.sft's eval_seed).
-    train = _crops(args.train_crops, range(6_000_000, 6_000_000 + args.train_items), args.model, progress)
-    test = _crops(args.test_crops, range(9_000_000, 9_000_000 + args.test_items), args.model, progress)
+    train = CountCrops.cached(args.train_crops, lambda: count_crops(
+        list(range(6_000_000, 6_000_000 + args.train_items)), args.model, progress=progress))
+    test = CountCrops.cached(args.test_crops, lambda: count_crops(
+        list(range(9_000_000, 9_000_000 + args.test_items)), args.model, progress=progress))
     records = train_probe(args.form, train, test, args.out, minutes=args.minutes, steps=args.steps, lr=args.lr,
                           count_weight=args.count_weight, seed=args.seed, model=args.model, progress=progress)
     runs = {f"{args.form} ({args.out})": records, **{str(run): read_metrics(run) for run in args.compare}}

@@ -32,6 +32,16 @@ class NpzArrays:
         with np.load(path) as data:
             return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
+    @classmethod
+    def cached(cls: type[Arrays], path: str | Path | None, make: Callable[[], Arrays]) -> Arrays:
+        """Read from `path` when it exists, else `make` them (and save them there if given)."""
+        if path and Path(path).exists():
+            return cls.load(path)
+        arrays = make()
+        if path:
+            arrays.save(path)
+        return arrays
+
 
 def timed_training(module: torch.nn.Module, loss: Callable[[], torch.Tensor], measure: Callable[[], dict[str, float]],
                    out: Path, lr: float, minutes: float, steps: int, eval_minutes: float, desc: str, shown: str,
