@@ -13,6 +13,11 @@ oracle's crops of count items (resized to a square) and measured on held-out cro
   question's scale and shift (FiLM) after its 2nd, 3rd and 4th conv, the question read from its
   tokens as the VLM reads them: the question read while the features are made.
 
+With ``--glances N`` each step also counts first views of N shortcut items (the 224-px square the
+processor shows; `count_crops` with ``glances``): the count head reads the first view when the
+policy answers without a crop, and a stem trained on crops alone over-counts there (the large
+objects of other kinds).
+
 ``python -m agents.count_stem_probe --form film --minutes 40 --out DIR`` writes ``metrics.jsonl``
 (the cells' sum rounded against the count, per tier; its correlation and mean error; the cells at
 p > 0.5 against the targets), ``model.safetensors`` and ``curve.png``; ``--compare DIR ...`` draws
@@ -61,7 +66,7 @@ class CountCrops(NpzArrays):
     counts: np.ndarray
     """``(n,)`` the answers."""
     hard: np.ndarray
-    """``(n,)`` whether the item is of the hard tier (the rest are easy: no shortcut items)."""
+    """``(n,)`` whether the item is of the hard tier (the rest are easy, or shortcut in glances)."""
 
 
 
@@ -82,14 +87,18 @@ class _KeptMeta:
 
 
 def count_crops(seeds: Sequence[int], model: str | Path = DEFAULT_MODEL, side: int = 112,
-                progress: bool = False) -> CountCrops:
+                glances: bool = False, progress: bool = False) -> CountCrops:
     """The oracle's single-crop traces of the default count items (no shortcut items) of `seeds`,
     played as `model` plays them (its chat format, env settings and box tokens); each question's
-    tokens are those its count head reads in the trace's reading item."""
+    tokens are those its count head reads in the trace's reading item.
+
+    With `glances`, the items are shortcut items instead, each its first view (a textual trace:
+    the answer at once), which the tiny processor shows as a 224-px square (`side` 224): what the
+    count head reads when the policy answers without a crop."""
     from PIL import Image
 
     from agents.sft import box_vocab, counted_cells, trace_options
-    from agents.traces import play_traces
+    from agents.traces import TEXT_KIND, play_traces
     from agents.vlm.encoding import encode_segments
     from agents.vlm.tiny.modeling_tiny_vlm import question_mask
     from pxr_env.tasks.synthetic.common import COLOUR_NAMES, SHAPES
@@ -99,12 +108,14 @@ def count_crops(seeds: Sequence[int], model: str | Path = DEFAULT_MODEL, side: i
         raise ValueError(f"side must be a multiple of {TOKEN_PX} (whole tokens), got {side}")
     config, processor, chat_format, env_kwargs = checkpoint_parts(model)
     options = trace_options(box_vocab(config), chat_format, env_kwargs)
-    source, grid = _KeptMeta(Count(shortcut_share=0.0)), side // TOKEN_PX * PARTS
+    source, grid = _KeptMeta(Count(shortcut_share=1.0 if glances else 0.0)), side // TOKEN_PX * PARTS
+    kind = TEXT_KIND if glances else "image/single"
     rows: dict[str, list[Any]] = {k: [] for k in CountCrops.__dataclass_fields__}
-    for start in tqdm(range(0, len(seeds), 500), desc="count crops", unit="500 items", disable=not progress):
+    for start in tqdm(range(0, len(seeds), 500), desc="count glances" if glances else "count crops",
+                      unit="500 items", disable=not progress):
         source.meta.clear()
         ids = [source.source.sample_id(s) for s in seeds[start:start + 500]]
-        for trace in play_traces(source, ids, options=options):
+        for trace in play_traces(source, ids, image_kind=kind, options=options):
             meta = source.meta[trace.sample_id]
             rows["images"].append(np.asarray(Image.fromarray(trace.images[-1]).resize((side, side), Image.BICUBIC)))
             colour = COLOUR_NAMES.index(meta["colour"]) if meta["colour"] else len(COLOUR_NAMES)
@@ -306,21 +317,41 @@ def measure(model: nn.Module, crops: CountCrops, batch_size: int = 200) -> dict[
 def train_probe(form: str, train: CountCrops, test: CountCrops, out: str | Path, minutes: float = 40.0,
                 steps: int = 1_000_000, batch_size: int = 64, lr: float = 1e-3, count_weight: float = 0.0,
                 eval_minutes: float = 5.0, seed: int = 0, model: str | Path = DEFAULT_MODEL,
-                progress: bool = True) -> list[dict[str, Any]]:
-    """Train one probe (`build_probe`) until `minutes` or `steps`; measure on `test` every
-    `eval_minutes` and at the end, each record appended to ``out/metrics.jsonl``; the weights end
-    in ``out/model.safetensors``. Returns the records."""
+                glances: tuple[CountCrops, CountCrops] | None = None, glance_batch: int = 16,
+                init: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Train one probe (`build_probe`, from run `init`'s weights if given) until `minutes` or
+    `steps`; measure on `test` every `eval_minutes` and at the end, each record appended to
+    ``out/metrics.jsonl``; the weights end in ``out/model.safetensors``. Returns the records.
+
+    With `glances` (training and held-out first views of shortcut items, `count_crops`), each step
+    adds the loss of `glance_batch` of them, and each record their measures as ``glance/<name>``:
+    one stem then counts both the crops and what can be counted at a glance."""
+    from safetensors.torch import load_file
+
     out = Path(out)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     probe = build_probe(form, model)
+    if init is not None:
+        probe.load_state_dict(load_file(Path(init) / "model.safetensors"))
+    batches = [(train, batch_size)] + ([(glances[0], glance_batch)] if glances else [])
 
     def loss() -> torch.Tensor:
-        index = rng.integers(0, len(train.counts), batch_size)
-        images, questions, cells, counts = batch_tensors(train, index, rng, probe.reads)
-        return probe_loss(probe(images, questions), cells, counts, count_weight)
+        total = torch.zeros(())
+        for arrays, size in batches:
+            index = rng.integers(0, len(arrays.counts), size)
+            images, questions, cells, counts = batch_tensors(arrays, index, rng, probe.reads)
+            total = total + probe_loss(probe(images, questions), cells, counts, count_weight)
+        return total
 
-    records = timed_training(probe, loss, lambda: measure(probe, test), out, lr, minutes, steps, eval_minutes,
+    def measures() -> dict[str, float]:
+        held_out = measure(probe, test)
+        if glances:
+            held_out.update({f"glance/{k}": v for k, v in measure(probe, glances[1]).items()
+                             if k in ("exact", "mae", "precision", "recall")})
+        return held_out
+
+    records = timed_training(probe, loss, measures, out, lr, minutes, steps, eval_minutes,
                              f"count stem probe ({form})", "exact", progress)
     save_file(probe.state_dict(), out / "model.safetensors")
     return records
@@ -367,6 +398,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-items", type=int, default=1_000, help="held-out crops (default: %(default)s)")
     parser.add_argument("--train-crops", help="npz of training crops: read if it exists, else written")
     parser.add_argument("--test-crops", help="npz of held-out crops: read if it exists, else written")
+    parser.add_argument("--glances", type=int, default=0,
+                        help="training shortcut items whose first views are counted beside the crops "
+                             "(default 0: crops alone)")
+    parser.add_argument("--test-glances", type=int, default=300, help="held-out shortcut items (default: %(default)s)")
+    parser.add_argument("--train-glance-views", help="npz of training first views: read if it exists, else written")
+    parser.add_argument("--test-glance-views", help="npz of held-out first views: read if it exists, else written")
+    parser.add_argument("--glance-batch", type=int, default=16, help="first views per step (default: %(default)s)")
+    parser.add_argument("--init", help="a probe run whose weights the training starts from")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--count-weight", type=float, default=0.0,
                         help="weight of the sum's squared error (default 0: from random cells the first sums, "
@@ -387,8 +426,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         list(range(6_000_000, 6_000_000 + args.train_items)), args.model, progress=progress))
     test = CountCrops.cached(args.test_crops, lambda: count_crops(
         list(range(9_000_000, 9_000_000 + args.test_items)), args.model, progress=progress))
+    glances = None
+    if args.glances:
+        glances = (CountCrops.cached(args.train_glance_views, lambda: count_crops(
+            list(range(6_500_000, 6_500_000 + args.glances)), args.model, 224, True, progress)),
+                   CountCrops.cached(args.test_glance_views, lambda: count_crops(
+            list(range(9_500_000, 9_500_000 + args.test_glances)), args.model, 224, True, progress)))
     records = train_probe(args.form, train, test, args.out, minutes=args.minutes, steps=args.steps, lr=args.lr,
-                          count_weight=args.count_weight, seed=args.seed, model=args.model, progress=progress)
+                          count_weight=args.count_weight, seed=args.seed, model=args.model, glances=glances,
+                          glance_batch=args.glance_batch, init=args.init, progress=progress)
     runs = {f"{args.form} ({args.out})": records, **{str(run): read_metrics(run) for run in args.compare}}
     plot_runs(runs, Path(args.out) / "curve.png")
     print(json.dumps(records[-1], indent=2))

@@ -701,21 +701,26 @@ def _family_means(key: str, traces: Sequence[Trace], values: Sequence[float]) ->
 
 def answer_only_bound(tasks: TaskSpec, sample_ids: Sequence[str]) -> dict[str, float]:
     """Mean score of the template reader without operations (an upper bound for answering from
-    the initial view) and of chance, per family, on `sample_ids` (docs/tasks.md)."""
+    the initial view) and of chance, per family, on `sample_ids` (docs/tasks.md); the bound also
+    per tier of a family whose samples have one (``<family>/<tier>/answer_only_bound``)."""
     from pxr_env.scoring import score_answer
     from pxr_env.tasks.synthetic import chance_score, reader_answer
 
     source = task_source(tasks)
     rows: dict[str, list[tuple[float, float]]] = {}
+    tiers: dict[str, list[float]] = {}
     for sample_id in sample_ids:
         sample = source.get(sample_id)
         answer = reader_answer(sample, with_ops=False)
         score = score_answer(answer, sample.answers, sample.answer_type, sample.choices)
         rows.setdefault(sample.family, []).append((score, chance_score(sample)))
+        if sample.meta.get("tier") is not None:
+            tiers.setdefault(f"{sample.family}/{sample.meta['tier']}", []).append(score)
     out = {}
     for family, values in rows.items():
         out[f"{family}/answer_only_bound"] = float(np.mean([v[0] for v in values]))
         out[f"{family}/chance"] = float(np.mean([v[1] for v in values]))
+    out.update({f"{name}/answer_only_bound": float(np.mean(scores)) for name, scores in sorted(tiers.items())})
     return out
 
 
@@ -1111,6 +1116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(in the env of its saved env settings; the env_kwargs of --config apply over them)")
     parser.add_argument("--eval-tasks", help="JSON task spec of --evaluate, e.g. '{\"zoom-read\": {}}'")
     parser.add_argument("--eval-samples", type=int, default=100, help="held-out samples per family of --evaluate")
+    parser.add_argument("--eval-seed", type=int, default=SFTConfig.eval_seed,
+                        help="seed of the first held-out sample of --evaluate (default: %(default)s)")
     parser.add_argument("--oracle-reading", action="store_true",
                         help="--evaluate also reports acc_oracle_reading (the oracle's crop as a reading-stage item)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -1121,7 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         policy = TransformersPolicy.from_pretrained(args.evaluate)
         tasks = json.loads(args.eval_tasks) if args.eval_tasks else ZOOM_ALL
-        ids = eval_sample_ids(tasks, args.eval_samples, SFTConfig.eval_seed, set())
+        ids = eval_sample_ids(tasks, args.eval_samples, args.eval_seed, set())
         env_kwargs = {**policy.env_kwargs,
                       **(json.loads(Path(args.config).read_text()).get("env_kwargs", {}) if args.config else {})}
         metrics = evaluate(policy.model, AutoProcessor.from_pretrained(args.evaluate),

@@ -739,14 +739,15 @@ def _run_chunk(task_source: TaskSource, jobs: Sequence[_Job], options: TraceOpti
 def play_traces(task_source: Any, sample_ids: Sequence[str], image_kind: str = "image/single",
                 video_kind: str = "video/single", options: TraceOptions | None = None,
                 seed: int = 0) -> list[Trace]:
-    """Play one trace on each of `sample_ids` (`image_kind` or `video_kind` by modality), in order.
+    """Play one trace on each of `sample_ids` (`image_kind` or `video_kind` by modality, either of
+    them the textual kind ``"text"``: the answer at once), in order.
 
     For measuring on chosen (e.g. held-out) samples; the samples the script cannot play (no
     evidence, the env disagrees) are left out, so the result may be shorter than `sample_ids`.
     """
-    if image_kind not in IMAGE_KINDS or video_kind not in VIDEO_KINDS:
-        raise ValueError(f"image_kind must be one of {IMAGE_KINDS} and video_kind one of {VIDEO_KINDS}, "
-                         f"got {image_kind!r}, {video_kind!r}")
+    if image_kind not in IMAGE_KINDS + (TEXT_KIND,) or video_kind not in VIDEO_KINDS + (TEXT_KIND,):
+        raise ValueError(f"image_kind must be one of {IMAGE_KINDS} and video_kind one of {VIDEO_KINDS} "
+                         f"(or either {TEXT_KIND!r}), got {image_kind!r}, {video_kind!r}")
     options = options or TraceOptions()
     held = _HeldSource(make_task_source(task_source))
     env = PixelQAEnv(tasks=held, action_mode="text", **dict(options.env_kwargs))

@@ -57,6 +57,46 @@ def test_crops_round_trip_through_npz(crops, tmp_path):
     assert all(np.array_equal(getattr(back, k), getattr(crops, k)) for k in CountCrops.__dataclass_fields__)
 
 
+def test_glances_are_first_views_of_shortcut_items_as_the_processor_shows_them(tmp_path):
+    """A glance is the env's first view resized to the processor's square; its cells mark the
+    counted centres of the whole image."""
+    from transformers import AutoProcessor
+
+    import agents.vlm.tiny  # noqa: F401  (registers the tiny processor)
+    from pxr_env.tasks.synthetic.count import Count
+
+    seeds = list(range(9_500_000, 9_500_006))
+    glances = count_crops(seeds, side=224, glances=True)
+    n = len(glances.counts)
+    assert n == len(seeds) and glances.images.shape == (n, 224, 224, 3) and glances.cells.shape == (n, 28, 28)
+    assert not glances.hard.any()
+    processor = AutoProcessor.from_pretrained(DEFAULT_MODEL)
+    source = Count(shortcut_share=1.0)
+    for seed, cells, count in zip(seeds, glances.cells, glances.counts):
+        sample = source.get(source.sample_id(seed))
+        assert sample.meta["tier"] == "shortcut" and int(sample.answers[0]) == count
+        height, width = sample.load_image().shape[:2]
+        expected = np.zeros((28, 28), np.uint8)
+        for o in sample.meta["objects"]:
+            if o["counted"]:
+                x, y = (o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2
+                expected[int(y / height * 28), int(x / width * 28)] = 1
+        assert np.array_equal(cells, expected)
+    shown = processor.image_processor(images=[glances.images[0]], return_tensors="pt")
+    assert shown["image_grid_thw"].tolist() == [[1, 14, 14]]  # the square the model sees, unchanged
+
+
+def test_training_with_glances_from_a_run_counts_both(crops, tmp_path):
+    """Each step adds a batch of glances; records carry their measures; `init` starts from a run."""
+    glances = count_crops(list(range(9_500_000, 9_500_008)), side=224, glances=True)
+    first = train_probe("film", crops, crops, tmp_path / "a", minutes=5, steps=3, batch_size=8, progress=False)
+    records = train_probe("film", crops, crops, tmp_path / "b", minutes=5, steps=30, batch_size=8, lr=3e-3,
+                          glances=(glances, glances), glance_batch=4, init=tmp_path / "a", progress=False)
+    assert "glance/exact" in records[-1] and "glance/exact" not in first[-1]
+    assert records[0]["exact"] == first[-1]["exact"]  # the same weights at step 0
+    assert records[-1]["glance/mae"] < records[0]["glance/mae"]
+
+
 def test_a_flip_moves_the_cells_with_the_image(crops):
     index = np.arange(8)
     images, questions, cells, counts = batch_tensors(crops, index)

@@ -260,6 +260,12 @@ def test_evaluate_reports_each_tier(monkeypatch) -> None:
         assert metrics[f"count/{tier}/episodes"] == len(mine)
         assert metrics[f"count/{tier}/accuracy"] == pytest.approx(np.mean([k % 2 for k in mine]))
         assert metrics[f"count/{tier}/mean_ops"] == pytest.approx(np.mean([k % 3 for k in mine]))
+    bound = sft.answer_only_bound({"count": {}}, ids)
+    for tier in set(tiers):  # each tier's bound is the mean of its items' scores; the family's, of all
+        assert min(bound[f"count/{t}/answer_only_bound"] for t in set(tiers)) <= bound["count/answer_only_bound"]
+        mine = [sft.answer_only_bound({"count": {}}, [i])["count/answer_only_bound"]
+                for i, t in zip(ids, tiers) if t == tier]
+        assert bound[f"count/{tier}/answer_only_bound"] == pytest.approx(np.mean(mine))
 
 
 def test_vision_pretraining_names_glyphs_and_touches_only_the_encoder() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from agents.traces import (
     IMAGE_KINDS, TEXT_KIND, VIDEO_KINDS, Trace, TraceMix, TraceOptions, load_traces, main, save_traces, summarize,
-    iter_traces, synthesize_traces,
+    iter_traces, play_traces, synthesize_traces,
 )
 from agents.vlm.tiny.boxes import BoxVocab
 from pxr_env import ops
@@ -312,3 +312,14 @@ def test_vision_ids_label_the_frames_in_traces_and_their_stage_items(tmp_path):
     assert "".join(piece for piece, _ in reading).count("Picture ") == len(images)  # the selected frames, from 1
     save_traces(video[:1], tmp_path)
     assert load_traces(tmp_path)[0].segments() == trace.segments()
+
+
+def test_play_traces_plays_the_textual_kind_on_chosen_samples() -> None:
+    """The textual kind answers at once on each chosen sample: one turn, the first view alone."""
+    ids = ["count/10000000", "count/10000001", "count/10000002"]
+    traces = play_traces({"count": {}}, ids, image_kind=TEXT_KIND)
+    assert [t.sample_id for t in traces] == ids and all(t.kind == TEXT_KIND for t in traces)
+    assert all(len(t.trained) == 1 and len(t.images) == 1 and t.correct for t in traces)
+    assert all(t.info["crop_box"] is None and t.info["n_visual_ops"] == 0 for t in traces)
+    with pytest.raises(ValueError, match="image_kind must be one of"):
+        play_traces({"count": {}}, ids, image_kind="video/single")
