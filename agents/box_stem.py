@@ -12,7 +12,7 @@ crop holds the evidence (the env's ``crop_hit``), per tier.
 
 ``python -m agents.box_stem --out DIR --minutes 30`` writes ``metrics.jsonl``,
 ``model.safetensors`` and ``curve.png``; ``--attach MODEL DEST`` puts the trained stem into a
-checkpoint's pointer head (`attach_box_stem`), so the VLM points with it.
+checkpoint's pointer head (`attach_box_stem`), so the VLM points with it (``--alone``: with it alone).
 """
 
 from __future__ import annotations
@@ -232,9 +232,18 @@ def train_box_stem(train: BoxViews, test: BoxViews, out: str | Path, minutes: fl
     return records
 
 
-def attach_box_stem(run: str | Path, model: str | Path, out: str | Path) -> Path:
+ALONE_OFFSET = 30.0
+"""Logit added to every box token when the stem points alone: at a box slot the box tokens then
+outweigh the text tokens, which the decoder's own pointer terms had done (zeroed, the stem's logits
+alone left the slot to text on shortcut items: broken tool calls)."""
+
+
+def attach_box_stem(run: str | Path, model: str | Path, out: str | Path, alone: bool = False) -> Path:
     """`model` with a pointer box stem that is a trained probe's (``run/model.safetensors``), saved to
-    `out` with the processor, chat format and env settings."""
+    `out` with the processor, chat format and env settings. With `alone` the box logits are the
+    stem's alone (plus `ALONE_OFFSET`): the pointer's terms of the decoder's states (its query,
+    size and question-match maps) are zeroed, so that training the decoder afterwards, with the
+    pointer frozen, cannot move where it points."""
     from agents.count_stem_probe import checkpoint_parts
     from agents.sft import save_model
     from agents.vlm.hf import load_model
@@ -244,7 +253,18 @@ def attach_box_stem(run: str | Path, model: str | Path, out: str | Path) -> Path
         raise ValueError(f"{run} holds no box stem (its weights have no stem.out)")
     _, processor, chat_format, env_kwargs = checkpoint_parts(model)
     vlm = load_model(str(model), config_overrides={"pointer_box_stem": True})
-    vlm.pointer.box_stem.load_state_dict({k[len("stem."):]: v for k, v in weights.items()})
+    pointer = vlm.pointer
+    pointer.box_stem.load_state_dict({k[len("stem."):]: v for k, v in weights.items()})
+    if alone:
+        if vlm.config.box_slot_token_id is None:
+            raise ValueError(f"{model} has no box_slot_token_id: with the stem alone its offset would put box "
+                             "tokens into free text")
+        with torch.no_grad():
+            for part in (pointer.query, pointer.size, pointer.question, pointer.match_question,
+                         pointer.match_token_question):
+                if part is not None:
+                    part.weight.zero_()
+            pointer.size_bias.fill_(ALONE_OFFSET)
     return save_model(vlm, processor, chat_format, env_kwargs, out)
 
 
@@ -279,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--attach", nargs=2, metavar=("MODEL", "DEST"),
                         help="instead of training: save MODEL with --out's box stem in its pointer to DEST")
+    parser.add_argument("--alone", action="store_true",
+                        help="with --attach: the stem alone points (the pointer's decoder terms zeroed)")
     parser.add_argument("--minutes", type=float, default=30.0, help="training minutes (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=1_000_000, help="most steps (default: %(default)s)")
     parser.add_argument("--train-items", type=int, default=20_000, help="training items drawn (default: %(default)s)")
@@ -300,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.attach:
-        print(attach_box_stem(args.out, args.attach[0], args.attach[1]))
+        print(attach_box_stem(args.out, args.attach[0], args.attach[1], args.alone))
         return 0
     torch.set_num_threads(args.threads)
     progress, tasks = not args.no_progress, json.loads(args.tasks)

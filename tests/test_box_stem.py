@@ -180,7 +180,8 @@ def test_measure_by_hand():
 def test_an_attached_box_stem_gives_the_vlm_the_probes_box_logits(views, tmp_path):
     from safetensors.torch import load_file
 
-    from agents.vlm.hf import TransformersPolicy
+    from agents.sft import save_model
+    from agents.vlm.hf import TransformersPolicy, load_model
 
     train_box_stem(views, views, tmp_path / "run", minutes=5, steps=3, batch_size=4, progress=False)
     attach_box_stem(tmp_path / "run", DEFAULT_MODEL, tmp_path / "vlm")
@@ -199,5 +200,20 @@ def test_an_attached_box_stem_gives_the_vlm_the_probes_box_logits(views, tmp_pat
         images, questions, _ = batch_tensors(views, np.arange(1), 28, 4)
         expected = probe(images, questions).view(-1, 4)
     torch.testing.assert_close(keys, expected, atol=1e-4, rtol=1e-4)
+    # alone: after the box slot every box token's logit is its stem logit plus the offset
+    with pytest.raises(ValueError, match="no box_slot_token_id"):  # box tokens would win in free text too
+        attach_box_stem(tmp_path / "run", DEFAULT_MODEL, tmp_path / "alone", alone=True)
+    slotted = load_model(DEFAULT_MODEL, config_overrides={"box_slot_token_id": 338})  # the " [" of a box
+    save_model(slotted, processor, policy.chat_format, policy.env_kwargs, tmp_path / "slotted")
+    attach_box_stem(tmp_path / "run", tmp_path / "slotted", tmp_path / "alone", alone=True)
+    alone = TransformersPolicy.from_pretrained(str(tmp_path / "alone")).model.eval()
+    slot = processor(text=[text + '<tool_call>\n{"name": "crop", "arguments": {"bbox_2d": ['],
+                     images=[views.images[0]], return_tensors="pt")
+    assert slot["input_ids"][0, -1] == alone.config.box_slot_token_id
+    with torch.no_grad():
+        logits = alone(**slot).logits[0, -1]
+    boxes = logits[alone.config.box_token_start_id:alone.config.box_token_start_id + alone.pointer.num_boxes]
+    torch.testing.assert_close(boxes, expected.flatten() + 30.0, atol=1e-3, rtol=1e-4)
+    assert boxes.min() > logits[:alone.config.box_token_start_id].max()  # the slot takes a box
     with pytest.raises(ValueError, match="holds no box stem"):
         attach_box_stem(tmp_path / "vlm", DEFAULT_MODEL, tmp_path / "no")
